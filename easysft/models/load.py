@@ -1,0 +1,131 @@
+"""Load a causal LM and its tokenizer from a local folder, a hub id, a LoRA adapter folder, or the bundled default.
+
+Pad-token policy: if the tokenizer has no pad token, the EOS token is used as pad. That is safe because padding
+is always masked (attention 0, label -100) and EOS is appended to answers as a real, supervised token id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from easysft.errors import ModelError
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+EASYSFT_META = "easysft.json"
+
+
+@dataclass
+class ResolvedModel:
+    """Where a model's weights and tokenizer live, and what easysft saved with it."""
+
+    path: str  # folder or hub id holding the (base) model weights
+    tokenizer_path: str
+    adapter_path: str | None  # a PEFT adapter folder applied on top of ``path``
+    meta: dict  # contents of easysft.json (template, max lengths, generation defaults) or {}
+
+
+def resolve_model_path(name_or_path: str) -> ResolvedModel:
+    """Map ``--model_name_or_path`` to concrete locations; raise a one-line ModelError when it cannot exist."""
+    from easysft.models.bundled import BUNDLED_NAME, bundled_checkpoint_dir
+
+    if name_or_path == BUNDLED_NAME:
+        path = str(bundled_checkpoint_dir())
+        return ResolvedModel(path, path, None, {})
+    folder = Path(name_or_path).expanduser()
+    if folder.exists():
+        if not folder.is_dir():
+            raise ModelError(f"--model_name_or_path {name_or_path}: is a file; give a checkpoint folder.")
+        meta = read_meta(folder)
+        if (folder / "adapter_config.json").is_file():
+            with open(folder / "adapter_config.json", encoding="utf-8") as handle:
+                base = json.load(handle).get("base_model_name_or_path")
+            if not base:
+                raise ModelError(f"{folder}/adapter_config.json names no base_model_name_or_path.")
+            base_resolved = resolve_model_path(base)
+            tokenizer_path = str(folder) if (folder / "tokenizer_config.json").is_file() else base_resolved.path
+            return ResolvedModel(base_resolved.path, tokenizer_path, str(folder), meta)
+        if not (folder / "config.json").is_file():
+            raise ModelError(
+                f"--model_name_or_path {name_or_path}: no config.json (nor adapter_config.json) in that folder; "
+                "give a Hugging Face checkpoint folder."
+            )
+        return ResolvedModel(str(folder), str(folder), None, meta)
+    looks_like_hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise ModelError(f"--model_name_or_path {name_or_path}: no such folder (and not a hub id like org/name).")
+    return ResolvedModel(name_or_path, name_or_path, None, {})
+
+
+def read_meta(folder: str | Path) -> dict:
+    """easysft.json saved beside a trained model, or {} for a model easysft did not train."""
+    path = Path(folder) / EASYSFT_META
+    if not path.is_file():
+        return {}
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load a tokenizer from {path}: {str(exc).splitlines()[0]}") from None
+    if tokenizer.eos_token_id is None:
+        raise ModelError(f"the tokenizer at {path} has no EOS token; easysft needs one to end answers.")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    path: str,
+    *,
+    dtype: str = "fp32",
+    trust_remote_code: bool = False,
+    adapter_path: str | None = None,
+    adapter_trainable: bool = False,
+):
+    """A causal LM in ``dtype`` (CPU; the engine moves it). With ``adapter_path``, the PEFT adapter on top."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read a model config from {path}: {str(exc).splitlines()[0]}") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=TORCH_DTYPES[dtype], trust_remote_code=trust_remote_code
+        )
+    except ValueError as exc:
+        raise ModelError(
+            f"{path} ({config.model_type}) is not a causal language model that transformers can load: "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
+    except OSError as exc:
+        raise ModelError(f"cannot load model weights from {path}: {str(exc).splitlines()[0]}") from None
+    if adapter_path is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_path, is_trainable=adapter_trainable)
+    return model
+
+
+def load_model_and_tokenizer(name_or_path: str, *, dtype: str = "fp32", trust_remote_code: bool = False):
+    """(model, tokenizer, ResolvedModel) in one call; adapters are applied (frozen) when the path is one."""
+    resolved = resolve_model_path(name_or_path)
+    tokenizer = load_tokenizer(resolved.tokenizer_path, trust_remote_code=trust_remote_code)
+    model = load_model(
+        resolved.path, dtype=dtype, trust_remote_code=trust_remote_code, adapter_path=resolved.adapter_path
+    )
+    return model, tokenizer, resolved
+
+
+def is_local_model(name_or_path: str) -> bool:
+    return name_or_path == "bundled" or os.path.isdir(os.path.expanduser(name_or_path))

@@ -1,0 +1,93 @@
+"""Shared fixtures: the bundled tokenizer, tiny config-built Llama models, small prompt/answer folders.
+
+Everything is offline. The tokenizer is the real SmolLM2 one (pad id 2 != ignore id -100, so mix-ups fail);
+models are 2-layer Llamas built from a config with random weights, saved once per session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+QA_ROWS = [
+    {"prompt": "Reverse the words: red green blue", "answer": "blue green red"},
+    {"prompt": "Reverse the words: one two", "answer": "two one"},
+    {"prompt": "What is 2 + 2?", "answer": "4"},
+    {"prompt": "Name a primary colour.", "answer": "Red is a primary colour."},
+    {"prompt": "Translate 'cat' to French.", "answer": "chat"},
+    {"prompt": "Say hello in Japanese.", "answer": "こんにちは"},
+    {"prompt": "Give me an emoji for joy.", "answer": "😂 (tears of joy)"},
+    {"prompt": "Spell 'abc' backwards.", "answer": "cba"},
+]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from easysft.models.bundled import bundled_tokenizer_dir
+    from easysft.models.load import load_tokenizer
+
+    return load_tokenizer(str(bundled_tokenizer_dir()))
+
+
+def make_tiny_config(vocab_size: int, **overrides):
+    from transformers import LlamaConfig
+
+    values = dict(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        tie_word_embeddings=True, attn_implementation="sdpa",
+    )
+    values.update(overrides)
+    config = LlamaConfig(**values)
+    config._attn_implementation = values["attn_implementation"]
+    return config
+
+
+def make_tiny_model(tokenizer, seed: int = 0, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = make_tiny_config(len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, **overrides)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A saved 2-layer Llama checkpoint folder (random weights, real tokenizer): a --model_name_or_path."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model = make_tiny_model(tokenizer)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture
+def tiny_model(tokenizer):
+    return make_tiny_model(tokenizer)
+
+
+def write_qa_folder(folder, train_rows=None, eval_rows=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.json").write_text(json.dumps(train_rows or QA_ROWS, ensure_ascii=False), encoding="utf-8")
+    (folder / "eval.json").write_text(json.dumps(eval_rows or QA_ROWS[:4], ensure_ascii=False), encoding="utf-8")
+    return str(folder)
+
+
+@pytest.fixture
+def qa_data_dir(tmp_path):
+    """A folder with train.json (8 rows) and eval.json (4 rows) in the original design's format."""
+    return write_qa_folder(tmp_path / "data")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Tokenized-data caches go to a per-test folder; the model cache (bundled checkpoint) stays shared."""
+    monkeypatch.setenv("EASYSFT_DATA_CACHE", str(tmp_path / "data-cache"))
