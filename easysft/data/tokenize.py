@@ -82,7 +82,7 @@ def tokenize_example(
     answer_ids = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
     num_prompt_tokens, num_answer_tokens = len(prompt_ids), len(answer_ids)
 
-    prompt_ids, prompt_truncated = _keep_prompt_end(prompt_ids, max_prompt_len, tokenizer)
+    prompt_ids, prompt_truncated = keep_prompt_end(prompt_ids, max_prompt_len, tokenizer)
     if len(answer_ids) + 1 <= max_ans_len:
         supervised = answer_ids + [eos_id]
         answer_truncated = False
@@ -104,11 +104,18 @@ def tokenize_example(
     }
 
 
-def _keep_prompt_end(ids: list[int], max_len: int, tokenizer) -> tuple[list[int], bool]:
-    """Keep the last ``max_len`` ids; a leading BOS survives truncation (models expect it first)."""
+def keep_prompt_end(ids: list[int], max_len: int, tokenizer) -> tuple[list[int], bool]:
+    """Keep the last ``max_len`` ids; a leading BOS survives truncation (models expect it first).
+
+    Public because inference (easysft.generate) must truncate prompts exactly as training did.
+    Returns ``(ids, truncated)``.
+    """
     if len(ids) <= max_len:
         return ids, False
     bos = tokenizer.bos_token_id
     if bos is not None and ids and ids[0] == bos and max_len > 1 and getattr(tokenizer, "add_bos_token", False):
         return [bos] + ids[len(ids) - (max_len - 1):], True
     return ids[len(ids) - max_len:], True
+
+
+_keep_prompt_end = keep_prompt_end  # old private name, kept for callers that use it
