@@ -276,6 +276,13 @@ class InferConfig:
     debug: bool = field(default=False, metadata=_help("Only the first 32 rows."))
     dtype: str = field(default="fp32", metadata=_help("fp32, bf16 or fp16."))
     local_rank: int = field(default=-1, metadata=_help("Set by the deepspeed launcher; leave alone."))
+    tensor_parallel: bool = field(
+        default=False,
+        metadata=_help(
+            "Under `deepspeed --num_gpus N` on CUDA: split the model across the GPUs (DeepSpeed init_inference) "
+            "for models that do not fit one GPU. Off: each process generates its share of the prompts."
+        ),
+    )
 
     def __post_init__(self) -> None:
         if self.split not in ("eval", "train"):

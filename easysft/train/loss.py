@@ -33,6 +33,8 @@ def unwrap_model(model):
     for _ in range(8):
         if hasattr(model, "get_base_model"):
             model = model.get_base_model()
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):  # torch.compile
+            model = model._orig_mod
         elif isinstance(getattr(model, "module", None), torch.nn.Module):
             model = model.module
         else:

@@ -1,0 +1,74 @@
+"""Perplexity = exp(sum NLL / sum supervised tokens), reduced across ranks; never a mean of batch means."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from easysft.data.batching import materialise
+from easysft.data.collate import collate
+from easysft.distributed import all_reduce_sum
+from easysft.train.loss import supervised_loss_sum
+
+
+@dataclass
+class EvalResult:
+    loss: float  # mean NLL per supervised token
+    perplexity: float
+    num_tokens: int
+
+    def as_dict(self) -> dict:
+        return {"eval_loss": self.loss, "eval_ppl": self.perplexity, "num_tokens": self.num_tokens}
+
+
+@torch.no_grad()
+def evaluate(
+    model,
+    samples: Sequence[dict],
+    *,
+    batch_size: int = 8,
+    pad_token_id: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | str = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> EvalResult:
+    """Token-weighted loss and perplexity of ``model`` on ``samples``.
+
+    Each rank evaluates every ``world_size``-th sample (sorted by length to cut padding); the (NLL sum, token
+    count) pairs are summed over ranks before dividing, so the result is the same on any number of ranks.
+    Every rank must call this (it holds a collective).
+    """
+    was_training = model.training
+    model.eval()
+    mine: list[int | None] = sorted(range(rank, len(samples), world_size), key=lambda i: len(samples[i]["input_ids"]))
+    # Every rank runs the same number of forward passes (sharded engines gather weights collectively in each):
+    # ranks with one sample fewer run a filler that adds no token.
+    per_rank = -(-len(samples) // world_size)
+    mine += [None] * (per_rank - len(mine))
+    nll, tokens = 0.0, 0
+    batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+    iterator = batches
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(batches, desc="eval", leave=False, dynamic_ncols=True)
+    for indices in iterator:
+        batch = {k: v.to(device) for k, v in collate(materialise(indices, samples), pad_token_id).items()}
+        with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype,
+                            enabled=autocast_dtype is not None):
+            out = supervised_loss_sum(model, batch)
+        nll += float(out.loss_sum)
+        tokens += out.num_tokens
+    totals = all_reduce_sum(torch.tensor([nll, float(tokens)], dtype=torch.float64), device=None)
+    total_nll, total_tokens = float(totals[0]), int(totals[1])
+    if was_training:
+        model.train()
+    if total_tokens == 0:
+        return EvalResult(loss=float("nan"), perplexity=float("nan"), num_tokens=0)
+    loss = total_nll / total_tokens
+    return EvalResult(loss=loss, perplexity=math.exp(min(loss, 700.0)), num_tokens=total_tokens)

@@ -1,0 +1,63 @@
+"""Write a trained model as a standard HF checkpoint folder, atomically, plus easysft.json.
+
+Files are written into a hidden temporary folder inside the destination's parent, then moved into place with
+``config.json`` (or ``adapter_config.json``) moved LAST: transformers (and PEFT) only recognise a folder as a model
+once that file exists, so a crash part-way never leaves something that loads as a half-written model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from easysft.models.load import EASYSFT_META
+
+MARKER_FILES = ("config.json", "adapter_config.json")
+
+
+def write_json_atomic(path: str | Path, data) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2, ensure_ascii=False)
+        handle.write("\n")
+    os.replace(tmp, path)
+
+
+def save_model_folder(model, tokenizer, output_dir: str | Path, *, meta: dict, state_dict=None) -> Path:
+    """Save ``model`` (HF or PEFT) + tokenizer + easysft.json into ``output_dir``; safetensors only.
+
+    ``state_dict``: full weights gathered by a sharding engine (ZeRO-3, FSDP); None = the model's own.
+    Existing files of the same names in ``output_dir`` are replaced; other files (metrics, logs) are kept.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".model-tmp-", dir=output_dir))
+    try:
+        kwargs = {"safe_serialization": True} if _takes_safe_serialization(model) else {}
+        if state_dict is not None:
+            kwargs["state_dict"] = state_dict
+        model.save_pretrained(tmp, **kwargs)
+        tokenizer.save_pretrained(tmp)
+        write_json_atomic(tmp / EASYSFT_META, meta)
+        names = sorted(os.listdir(tmp), key=lambda n: n in MARKER_FILES)  # markers last
+        for name in names:
+            target = output_dir / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(tmp / name, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output_dir
+
+
+def _takes_safe_serialization(model) -> bool:
+    import inspect
+
+    try:
+        return "safe_serialization" in inspect.signature(model.save_pretrained).parameters
+    except (TypeError, ValueError):
+        return False

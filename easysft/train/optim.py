@@ -1,0 +1,43 @@
+"""AdamW with parameter groups, and learning-rate schedules with warmup (stepped once per optimizer step)."""
+
+from __future__ import annotations
+
+import torch
+
+# Parameters whose names contain these never get weight decay (biases and normalisation weights).
+NO_DECAY_MARKERS = ("bias", "norm", "ln_", "layernorm")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: decayed matrices, and undecayed biases/norm weights (and any 1-D parameter)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        lowered = name.lower()
+        if param.ndim < 2 or any(marker in lowered for marker in NO_DECAY_MARKERS):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: torch.nn.Module, *, learning_rate: float, weight_decay: float, device_type: str = "cpu"):
+    """AdamW over trainable parameters (fused on CUDA, where it is faster)."""
+    groups = param_groups(model, weight_decay)
+    if not groups:
+        raise ValueError("the model has no trainable parameter")
+    kwargs = {"lr": learning_rate, "betas": (0.9, 0.95), "eps": 1e-8}
+    if device_type == "cuda":
+        kwargs["fused"] = True
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def build_scheduler(optimizer, *, name: str, num_warmup_steps: int, num_training_steps: int):
+    """transformers' schedule of that name (linear, cosine, cosine_with_restarts, polynomial, constant...)."""
+    from transformers import get_scheduler
+
+    return get_scheduler(
+        name, optimizer=optimizer, num_warmup_steps=num_warmup_steps, num_training_steps=max(num_training_steps, 1)
+    )
