@@ -1,0 +1,156 @@
+"""`easysft infer`: rows of a data split -> training prompts -> batched generation -> predictions file.
+
+Pipeline (every rank runs it; only rank 0 writes):
+
+1. resolve the model (full checkpoint, LoRA adapter folder, hub id or 'bundled') and read ``easysft.json``;
+2. settings = saved template / max lengths / generation defaults, overridden by the flags given;
+3. load the split's rows and render each prompt exactly as training did (:func:`easysft.generate.build_prompt_ids`);
+4. generate (HF backend, data-parallel or tensor-parallel under a launcher; or vLLM);
+5. rank 0 writes ``prompt, answer, prediction`` rows in the input order, atomically (temp file + rename).
+"""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+
+from easysft.config import DataConfig, InferConfig, ModelConfig
+from easysft.errors import ConfigError, DataError
+
+DEBUG_ROWS = 32
+COLUMNS = ("prompt", "answer", "prediction")
+
+
+@dataclass
+class InferResult:
+    """What one `easysft infer` run produced (``output_path`` is None on ranks other than 0)."""
+
+    output_path: str | None
+    num_prompts: int
+    num_generated_tokens: int
+    seconds: float
+
+
+def load_split(data_cfg: DataConfig, split: str, seed: int) -> list:
+    """Rows of ``split`` through :func:`easysft.data.sources.load_examples`, passing only the options it takes."""
+    from easysft.data.sources import load_examples
+
+    options = {"data_split": data_cfg.data_split, "eval_fraction": data_cfg.eval_fraction, "seed": seed}
+    params = inspect.signature(load_examples).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        options = {k: v for k, v in options.items() if k in params}
+    return load_examples(data_cfg.data_path, split=split, **options)
+
+
+def write_predictions(path: str, rows: list[dict], output_format: str) -> None:
+    """Write rows atomically: a temp file in the target folder, then ``os.replace`` (never a half file)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, temp_path = tempfile.mkstemp(prefix=".predictions-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8", newline="") as out:
+            if output_format == "csv":
+                writer = csv.DictWriter(out, fieldnames=COLUMNS)
+                writer.writeheader()
+                writer.writerows(rows)
+            else:
+                for row in rows:
+                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(temp_path, path)
+    except BaseException:
+        if os.path.exists(temp_path):
+            os.remove(temp_path)
+        raise
+
+
+def run_inference(model_cfg: ModelConfig, data_cfg: DataConfig, infer_cfg: InferConfig, given: dict) -> InferResult:
+    """Generate predictions for ``infer_cfg.split`` of ``data_cfg.data_path``.
+
+    ``given`` holds only the flags the user typed; they override what ``easysft.json`` saved (template, max
+    lengths, generation defaults).
+    """
+    import torch
+
+    from easysft import generate as G
+    from easysft.distributed import DistInfo, init_process_group
+    from easysft.models.load import TORCH_DTYPES, load_model, load_tokenizer, resolve_model_path
+
+    if not data_cfg.data_path:
+        raise ConfigError("--data_path is required: a data folder, file or dataset to generate answers for.")
+    dist = DistInfo.from_env()
+    init_process_group(dist)
+    resolved = resolve_model_path(model_cfg.model_name_or_path)
+    tokenizer = load_tokenizer(resolved.tokenizer_path, trust_remote_code=model_cfg.trust_remote_code)
+    settings = G.resolve_settings(resolved.meta, tokenizer, given)
+
+    examples = load_split(data_cfg, infer_cfg.split, infer_cfg.seed)
+    if infer_cfg.debug:
+        examples = examples[:DEBUG_ROWS]
+    prompts, kept = [], []
+    for example in examples:
+        # A row without a usable prompt cannot be rendered; the answer may be missing (nothing to compare).
+        if isinstance(example.prompt, str) and example.prompt.strip():
+            prompts.append(G.build_prompt_ids(tokenizer, settings.template, example.prompt, example.context,
+                                              settings.max_prompt_len))
+            kept.append(example)
+    if not prompts:
+        raise DataError(f"{data_cfg.data_path}: split {infer_cfg.split!r} has no row with a non-empty prompt.")
+    skipped = len(examples) - len(kept)
+
+    def start_progress(num_prompts: int) -> G.Progress:
+        # Started after the model loads so its own loading bars do not interleave with ours.
+        return G.Progress(total=num_prompts, enabled=dist.is_main)
+
+    torch.manual_seed(infer_cfg.seed)
+    if infer_cfg.backend == "vllm":
+        G.require_vllm()
+        if dist.is_distributed:
+            raise ConfigError("--backend vllm runs as one process (it uses the GPUs itself): do not start it "
+                              "under deepspeed/torchrun.")
+        stop_ids = [tokenizer.eos_token_id]
+        generated = G.generate_ids_vllm(resolved.path, resolved.tokenizer_path, resolved.adapter_path, prompts,
+                                        settings.generation, max_new_tokens=settings.max_new_tokens,
+                                        seed=infer_cfg.seed, dtype=infer_cfg.dtype, stop_ids=stop_ids)
+        progress = start_progress(len(prompts))
+        progress(len(prompts), sum(len(ids) for ids in generated))
+    else:
+        model = load_model(resolved.path, dtype=infer_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code,
+                           adapter_path=resolved.adapter_path)
+        model.eval()
+        use_tp = infer_cfg.tensor_parallel and dist.is_distributed and dist.device.type == "cuda"
+        if infer_cfg.tensor_parallel and not use_tp and dist.is_main:
+            print("easysft: --tensor_parallel needs several CUDA processes; sharding prompts (data parallel) "
+                  "instead.", file=sys.stderr)
+        if use_tp:
+            model = G.apply_tensor_parallel(model, dist.world_size, TORCH_DTYPES[infer_cfg.dtype])
+            progress = start_progress(len(prompts))
+            generated = G.generate_ids(model, tokenizer, prompts, settings.generation,
+                                       max_new_tokens=settings.max_new_tokens,
+                                       batch_size=infer_cfg.per_device_eval_batch_size, on_batch=progress)
+        else:
+            model.to(dist.device)
+            progress = start_progress(len(G.shard_for_rank(prompts, dist.rank, dist.world_size)))
+            generated = G.generate_ids_data_parallel(model, tokenizer, prompts, settings.generation,
+                                                     max_new_tokens=settings.max_new_tokens,
+                                                     batch_size=infer_cfg.per_device_eval_batch_size,
+                                                     on_batch=progress)
+    progress.close()
+
+    result = InferResult(None, len(prompts), progress.num_tokens, progress.seconds)
+    if dist.is_main:
+        rows = [
+            {"prompt": ex.prompt, "answer": ex.answer if isinstance(ex.answer, str) else "",
+             "prediction": tokenizer.decode(ids, skip_special_tokens=True)}
+            for ex, ids in zip(kept, generated, strict=True)
+        ]
+        write_predictions(infer_cfg.inference_output_path, rows, infer_cfg.output_format)
+        result.output_path = infer_cfg.inference_output_path
+        note = f" ({skipped} rows without a prompt skipped)" if skipped else ""
+        print(f"easysft: wrote {len(rows)} predictions to {infer_cfg.inference_output_path}{note}",
+              file=sys.stderr)
+    return result
