@@ -1,13 +1,46 @@
-"""Read rows from data sources into :class:`Example` objects (MINIMAL VERSION: local folder/json only;
-the full set of sources is built under issue 2)."""
+"""Data sources (``--data_path``) -> train/eval rows of :class:`Example` (or :class:`SkippedRow`).
+
+A ``--data_path`` entry is one of (checked in this order):
+
+1. a folder holding ``train.json`` or ``train.jsonl`` (and optionally ``eval.json`` / ``eval.jsonl``): the
+   original design's layout, JSON lists of ``{"prompt": str, "answer": str}``;
+2. a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` (read with ``load_from_disk``);
+3. a ``.json``, ``.jsonl``, ``.parquet`` or ``.csv`` file;
+4. anything else that exists as a folder, or a hub name such as ``Anthropic/hh-rlhf``: ``datasets.load_dataset``.
+
+Splits: the train split is ``train`` (a dataset with one split uses it whatever its name); the eval split is
+the first of ``eval``, ``validation``, ``valid``, ``test`` that exists. A source with no eval split holds out
+``eval_fraction`` of its rows (seeded; at least 1 row when ``eval_fraction > 0`` and the source has 2+ rows).
+Then ``data_split`` (``"10,0,0"``, ``"2,4,4"``) keeps the first (SFT) share of each split's rows, chosen by
+seed; kept rows stay in file order. Columns are mapped to prompt/answer by :mod:`easysft.data.adapters`.
+
+Rows from several sources are concatenated in ``--data_path`` order; each row keeps its ``source`` and ``row``
+(``file:line`` for JSON/JSONL, ``source row i`` for tables and datasets) for reports and ``--strict`` errors.
+"""
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
 from dataclasses import dataclass, field
 
-from easysft.errors import DataError
+from easysft.config import parse_data_split
+from easysft.data.adapters import Layout, detect_layout
+from easysft.data.readers import (
+    RawRecord,
+    dataset_records,
+    format_location,
+    open_hf_dataset,
+    read_json_file,
+    read_jsonl_file,
+    read_table_file,
+)
+from easysft.data.tokenize import Skip
+from easysft.errors import ConfigError, DataError
+
+FILE_EXTENSIONS = (".json", ".jsonl", ".parquet", ".csv")
+EVAL_SPLIT_NAMES = ("eval", "validation", "valid", "test")
+SPLITS = ("train", "eval")
 
 
 @dataclass
@@ -21,16 +54,252 @@ class Example:
     source: str = ""
     row: int | str = 0
 
+    @property
+    def location(self) -> str:
+        return format_location(self.source, self.row)
 
-def load_examples(data_path, split: str = "train", **options) -> list[Example]:
+
+@dataclass(frozen=True)
+class SkippedRow:
+    """A row that makes no example, and why (``reason`` is one of ``tokenize.SKIP_REASONS``)."""
+
+    reason: str
+    detail: str
+    source: str
+    row: int | str
+
+    @property
+    def location(self) -> str:
+        return format_location(self.source, self.row)
+
+
+@dataclass
+class SourceSplit:
+    """The raw records of one split of one source, and the layout detected on ALL of that split's records."""
+
+    records: list[RawRecord]
+    layout: Layout | None
+
+
+@dataclass
+class SourceRecords:
+    """One ``--data_path`` entry after eval hold-out and ``data_split``; ``eval_origin`` says where eval came from."""
+
+    name: str
+    train: SourceSplit
+    eval: SourceSplit
+    eval_origin: str
+
+
+# ------------------------------------------------------------------------------------------------------
+# Recognising a --data_path entry
+
+
+def _split_files(folder: str) -> dict[str, str] | None:
+    """``{"train": path, "eval": path?}`` for a folder in the original layout, or None."""
+    found: dict[str, str] = {}
+    for split in SPLITS:
+        names = [f"{split}{ext}" for ext in (".json", ".jsonl") if os.path.isfile(os.path.join(folder, f"{split}{ext}"))]
+        if len(names) > 1:
+            raise DataError(f"{folder}: holds both {names[0]} and {names[1]}; keep one of them.")
+        if names:
+            found[split] = os.path.join(folder, names[0])
+    return found if "train" in found else None
+
+
+def source_kind(path: str) -> str:
+    """'folder' | 'file' | 'saved' | 'hub' (see the module docstring); DataError for a missing local path."""
+    if os.path.isdir(path):
+        if _split_files(path):
+            return "folder"
+        if any(os.path.isfile(os.path.join(path, n)) for n in ("dataset_dict.json", "state.json")):
+            return "saved"
+        return "hub"
+    if os.path.isfile(path):
+        if not path.lower().endswith(FILE_EXTENSIONS):
+            raise DataError(
+                f"--data_path {path}: unsupported file type; use one of {', '.join(FILE_EXTENSIONS)} "
+                "(or a folder with train.json/eval.json, or a Hugging Face dataset)."
+            )
+        return "file"
+    looks_local = path.startswith((".", "/", "~")) or path.lower().endswith(FILE_EXTENSIONS) or path.count("/") > 1
+    if looks_local or not path.strip():
+        raise DataError(
+            f"--data_path {path}: no such file or folder; give a folder with train.json/eval.json, a "
+            ".json/.jsonl/.parquet/.csv file, or a Hugging Face dataset name."
+        )
+    return "hub"
+
+
+def source_fingerprint(path: str) -> str:
+    """A hash that changes whenever the source's content changes (file bytes, or the datasets fingerprint)."""
+    digest = hashlib.sha256()
+    kind = source_kind(path)
+    if kind == "folder":
+        for split, file in sorted(_split_files(path).items()):
+            digest.update(f"{split}:{os.path.basename(file)}:".encode())
+            _hash_file(file, digest)
+    elif kind == "file":
+        _hash_file(path, digest)
+    else:
+        # Arrow-backed datasets carry a fingerprint that datasets updates on every content change.
+        for split, dataset in sorted(open_hf_dataset(path).items()):
+            digest.update(f"{split}:{dataset._fingerprint}:{len(dataset)};".encode())
+    return digest.hexdigest()
+
+
+def _hash_file(path: str, digest) -> None:
+    try:
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the file ({exc.strerror}).") from None
+
+
+# ------------------------------------------------------------------------------------------------------
+# Reading records, holding out eval, applying data_split
+
+
+def _read_file(path: str) -> list[RawRecord]:
+    lower = path.lower()
+    if lower.endswith(".jsonl"):
+        return read_jsonl_file(path)
+    if lower.endswith(".json"):
+        return read_json_file(path)
+    return read_table_file(path)
+
+
+def _columns(records: list[RawRecord]) -> list[str]:
+    seen: dict[str, None] = {}
+    for record in records:
+        if isinstance(record.value, dict):
+            seen.update(dict.fromkeys(record.value))
+    return list(seen)
+
+
+def _split_of(records: list[RawRecord], where: str) -> SourceSplit:
+    # Detect on the union of keys so one row lacking a key is a missing_key skip, not a layout error.
+    has_rows = any(isinstance(r.value, dict) for r in records)
+    return SourceSplit(records, detect_layout(_columns(records), where) if has_rows else None)
+
+
+def _read_raw(path: str) -> tuple[SourceSplit, SourceSplit | None]:
+    kind = source_kind(path)
+    if kind == "folder":
+        files = _split_files(path)
+        train = _split_of(_read_file(files["train"]), files["train"])
+        evals = _split_of(_read_file(files["eval"]), files["eval"]) if "eval" in files else None
+        return train, evals
+    if kind == "file":
+        return _split_of(_read_file(path), path), None
+    splits = open_hf_dataset(path)
+    if "train" in splits:
+        train_name = "train"
+    elif len(splits) == 1:
+        train_name = next(iter(splits))
+    else:
+        raise DataError(f"--data_path {path}: no 'train' split (splits found: {', '.join(splits)}); "
+                        "save the training rows as a split named 'train'.")
+    eval_name = next((n for n in EVAL_SPLIT_NAMES if n in splits and n != train_name), None)
+
+    def split(name: str) -> SourceSplit:
+        dataset = splits[name]
+        source = f"{path}[{name}]"
+        return SourceSplit(dataset_records(dataset, source), detect_layout(dataset.column_names, source))
+
+    return split(train_name), (split(eval_name) if eval_name else None)
+
+
+def _seeded_order(count: int, seed: int, tag: int):
+    import numpy as np
+
+    # A separate stream per purpose so the hold-out and the data_split choice are independent.
+    return np.random.default_rng([seed, tag]).permutation(count)
+
+
+def hold_out_count(num_rows: int, eval_fraction: float) -> int:
+    """Rows held out for eval: ``round(n * eval_fraction)``, at least 1, and never every row."""
+    if eval_fraction <= 0 or num_rows < 2:
+        return 0
+    return min(num_rows - 1, max(1, round(num_rows * eval_fraction)))
+
+
+def _take_share(records: list[RawRecord], share: float, seed: int, tag: int) -> list[RawRecord]:
+    if share >= 1.0 or not records:
+        return records
+    keep = max(1, round(len(records) * share))
+    chosen = sorted(_seeded_order(len(records), seed, tag)[:keep].tolist())
+    return [records[i] for i in chosen]
+
+
+def read_source(path: str, *, eval_fraction: float = 0.05, seed: int = 1234,
+                data_split: str = "10,0,0") -> SourceRecords:
+    """Read one ``--data_path`` entry into train/eval records (eval held out when the source has none)."""
+    train, evals = _read_raw(path)
+    if evals is not None:
+        origin = "eval split"
+    else:
+        n_eval = hold_out_count(len(train.records), eval_fraction)
+        held = set(_seeded_order(len(train.records), seed, 1)[:n_eval].tolist())
+        evals = SourceSplit([r for i, r in enumerate(train.records) if i in held], train.layout)
+        train = SourceSplit([r for i, r in enumerate(train.records) if i not in held], train.layout)
+        origin = f"held out {n_eval} rows (eval_fraction {eval_fraction:g})"
+    sft_share = parse_data_split(data_split)[0]
+    train = SourceSplit(_take_share(train.records, sft_share, seed, 2), train.layout)
+    evals = SourceSplit(_take_share(evals.records, sft_share, seed, 3), evals.layout)
+    return SourceRecords(path, train, evals, origin)
+
+
+def to_rows(split: SourceSplit, multi_turn: bool = False) -> list[Example | SkippedRow]:
+    """Records -> examples through the split's layout; unreadable or unmappable records become SkippedRow."""
+    rows: list[Example | SkippedRow] = []
+    for record in split.records:
+        value = record.value
+        if isinstance(value, Skip):
+            rows.append(SkippedRow(value.reason, value.detail, record.source, record.row))
+            continue
+        if not isinstance(value, dict):
+            rows.append(SkippedRow("missing_key", f"the row is a {type(value).__name__}, not an object",
+                                   record.source, record.row))
+            continue
+        out = split.layout.adapt(value, multi_turn)
+        if isinstance(out, Skip):
+            rows.append(SkippedRow(out.reason, out.detail, record.source, record.row))
+            continue
+        rows.extend(
+            Example(t.prompt, t.answer, [dict(c) for c in t.context], record.source, record.row) for t in out
+        )
+    return rows
+
+
+def strict_error(skipped: SkippedRow) -> DataError:
+    detail = f" ({skipped.detail})" if skipped.detail else ""
+    return DataError(
+        f"{skipped.location}: {skipped.reason}{detail}; fix or remove the row, or drop --strict to skip such rows."
+    )
+
+
+def load_examples(data_path, split: str = "train", *, eval_fraction: float = 0.05, seed: int = 1234,
+                  data_split: str = "10,0,0", multi_turn: bool = False, strict: bool = False) -> list[Example]:
+    """The examples of ``split`` ('train' or 'eval') of one or more sources, in ``data_path`` order.
+
+    Rows that cannot make an example are dropped (``strict=True``: the first one raises DataError naming its
+    ``file:line`` or dataset row and the reason). Values are not validated here: a null or numeric answer
+    reaches :func:`~easysft.data.tokenize.tokenize_example`, which skips it.
+    """
+    if split not in SPLITS:
+        raise ConfigError(f"split {split!r} is unknown; choose 'train' or 'eval'.")
     paths = [data_path] if isinstance(data_path, str) else list(data_path)
+    if not paths:
+        raise ConfigError("--data_path is required: give a data folder, file or Hugging Face dataset.")
     out: list[Example] = []
     for path in paths:
-        file = os.path.join(path, f"{split}.json")
-        if not os.path.isfile(file):
-            raise DataError(f"{file}: no such file")
-        with open(file, encoding="utf-8") as handle:
-            rows = json.load(handle)
-        for i, row in enumerate(rows):
-            out.append(Example(row.get("prompt"), row.get("answer"), [], file, i))
+        source = read_source(path, eval_fraction=eval_fraction, seed=seed, data_split=data_split)
+        for row in to_rows(getattr(source, split), multi_turn):
+            if isinstance(row, SkippedRow):
+                if strict:
+                    raise strict_error(row)
+                continue
+            out.append(row)
     return out

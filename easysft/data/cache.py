@@ -1,0 +1,208 @@
+"""Content-addressed, atomic on-disk cache of tokenized data.
+
+Where: ``--cache_dir`` if given, else ``$EASYSFT_DATA_CACHE``, else ``~/.cache/easysft/data``.
+
+One entry = one folder ``<root>/<key>/`` where ``key`` hashes everything that can change the result (see
+``dataset.cache_key_parts``: data bytes or dataset fingerprints, the tokenizer's content, the template, the
+length flags, data_split, eval_fraction, seed, row limits, multi_turn, strict, and :data:`CACHE_FORMAT`).
+Inside, per split, three numpy arrays hold the samples compactly:
+
+- ``{split}_ids.npy``      int32, every sample's ``input_ids`` concatenated;
+- ``{split}_offsets.npy``  int64, sample ``i`` is ``ids[offsets[i]:offsets[i + 1]]``;
+- ``{split}_mask.npy``     bool, True where the token is supervised (labels = ids there, -100 elsewhere);
+
+plus ``report.json`` and ``meta.json`` (written last). Entries are written into a temporary folder in the same
+root and renamed into place, so a crash never leaves an entry that loads; a folder that fails to load is
+treated as missing and rebuilt.
+
+Distributed runs: only the main rank builds; the others call :func:`wait_for_entry`, which polls the file
+system (no collectives) until the entry appears, rank 0 leaves a failure note (``<key>.failed``), or the
+timeout passes (``$EASYSFT_DATA_WAIT_S``, default 3600 s).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+
+from easysft.data.tokenize import IGNORE_INDEX
+from easysft.errors import DataError
+
+# Bump when adapters, tokenization or the stored format change what an entry holds.
+CACHE_FORMAT = 1
+DEFAULT_WAIT_S = 3600.0
+# A failure note older than this (before the waiter started) belongs to an earlier run and is ignored.
+FAILURE_NOTE_GRACE_S = 120.0
+
+
+@dataclass
+class CacheEntry:
+    train: list[dict]
+    eval: list[dict]
+    report: dict
+    path: str
+
+
+def cache_root(cache_dir: str | None = None) -> str:
+    """The cache folder: the --cache_dir flag, else $EASYSFT_DATA_CACHE, else ~/.cache/easysft/data."""
+    root = cache_dir or os.environ.get("EASYSFT_DATA_CACHE") or os.path.join("~", ".cache", "easysft", "data")
+    return os.path.abspath(os.path.expanduser(root))
+
+
+def make_key(parts: dict) -> str:
+    """A short stable hash of a JSON-able dict (keys sorted, so order never matters)."""
+    text = json.dumps({"format": CACHE_FORMAT, **parts}, sort_keys=True, ensure_ascii=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of what decides the token ids: vocabulary/merges/normalizer, special tokens, chat template."""
+    digest = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        digest.update(backend.to_str().encode())  # the full tokenizer.json: model, normalizer, post-processor
+    else:
+        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    extra = {
+        "special": {k: str(v) for k, v in tokenizer.special_tokens_map.items()},
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "ids": [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id],
+        "add_bos": getattr(tokenizer, "add_bos_token", None),
+        "add_eos": getattr(tokenizer, "add_eos_token", None),
+    }
+    digest.update(json.dumps(extra, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------------
+# Writing and reading entries
+
+
+def _save_split(folder: str, split: str, samples: list[dict]) -> None:
+    import numpy as np
+
+    lengths = [len(s["input_ids"]) for s in samples]
+    offsets = np.zeros(len(samples) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    ids = np.fromiter((t for s in samples for t in s["input_ids"]), dtype=np.int32, count=int(offsets[-1]))
+    labels = np.fromiter((t for s in samples for t in s["labels"]), dtype=np.int64, count=int(offsets[-1]))
+    mask = labels != IGNORE_INDEX
+    # Invariant (ARCHITECTURE rule 1): a supervised label is the token itself, so a mask is enough to store.
+    assert np.array_equal(labels[mask], ids[mask]), "supervised labels must equal their input ids"
+    np.save(os.path.join(folder, f"{split}_ids.npy"), ids, allow_pickle=False)
+    np.save(os.path.join(folder, f"{split}_offsets.npy"), offsets, allow_pickle=False)
+    np.save(os.path.join(folder, f"{split}_mask.npy"), mask, allow_pickle=False)
+
+
+def _load_split(folder: str, split: str) -> list[dict]:
+    import numpy as np
+
+    ids = np.load(os.path.join(folder, f"{split}_ids.npy"), allow_pickle=False)
+    offsets = np.load(os.path.join(folder, f"{split}_offsets.npy"), allow_pickle=False)
+    mask = np.load(os.path.join(folder, f"{split}_mask.npy"), allow_pickle=False)
+    if len(ids) != len(mask) or (len(offsets) and offsets[-1] != len(ids)):
+        raise ValueError("arrays of different lengths")
+    labels = np.where(mask, ids, IGNORE_INDEX)
+    ids_list, labels_list, bounds = ids.tolist(), labels.tolist(), offsets.tolist()
+    return [
+        {"input_ids": ids_list[a:b], "labels": labels_list[a:b]} for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
+
+
+def save_entry(root: str, key: str, train: list[dict], evals: list[dict], report: dict, meta: dict) -> str:
+    """Write an entry atomically (temp folder + rename); return its folder. A concurrent writer's entry wins."""
+    final = os.path.join(root, key)
+    os.makedirs(root, exist_ok=True)
+    tmp = os.path.join(root, f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    os.makedirs(tmp)
+    try:
+        _save_split(tmp, "train", train)
+        _save_split(tmp, "eval", evals)
+        with open(os.path.join(tmp, "report.json"), "w", encoding="utf-8") as handle:
+            json.dump(report, handle, ensure_ascii=False)
+        # meta.json last: its presence in a renamed folder means every other file was fully written.
+        with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as handle:
+            json.dump({"format": CACHE_FORMAT, "key": key, **meta}, handle, default=str)
+        if os.path.isdir(final) and load_entry(root, key) is None:
+            shutil.rmtree(final, ignore_errors=True)  # a broken leftover (copied or hand-edited): replace it
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if load_entry(root, key) is None:
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same entry first
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    clear_failure(root, key)
+    return final
+
+
+def load_entry(root: str, key: str) -> CacheEntry | None:
+    """The entry for ``key``, or None when it is missing or unreadable (it is then rebuilt)."""
+    folder = os.path.join(root, key)
+    try:
+        with open(os.path.join(folder, "meta.json"), encoding="utf-8") as handle:
+            meta = json.load(handle)
+        if meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
+            return None
+        with open(os.path.join(folder, "report.json"), encoding="utf-8") as handle:
+            report = json.load(handle)
+        return CacheEntry(_load_split(folder, "train"), _load_split(folder, "eval"), report, folder)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+# ------------------------------------------------------------------------------------------------------
+# Waiting on the main rank
+
+
+def _failure_path(root: str, key: str) -> str:
+    return os.path.join(root, f"{key}.failed")
+
+
+def write_failure(root: str, key: str, message: str) -> None:
+    """Leave a note so waiting ranks fail at once with rank 0's message instead of timing out."""
+    try:
+        os.makedirs(root, exist_ok=True)
+        with open(_failure_path(root, key), "w", encoding="utf-8") as handle:
+            handle.write(message)
+    except OSError:
+        pass  # best effort: the waiters still time out with a clear message
+
+
+def clear_failure(root: str, key: str) -> None:
+    try:
+        os.remove(_failure_path(root, key))
+    except FileNotFoundError:
+        pass
+
+
+def wait_for_entry(root: str, key: str, *, timeout_s: float | None = None, poll_s: float = 1.0) -> CacheEntry:
+    """Poll until the main rank's entry for ``key`` loads; DataError on rank 0's failure note or timeout."""
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("EASYSFT_DATA_WAIT_S", DEFAULT_WAIT_S))
+    started = time.time()
+    while True:
+        entry = load_entry(root, key)
+        if entry is not None:
+            return entry
+        note = _failure_path(root, key)
+        try:
+            if os.path.getmtime(note) >= started - FAILURE_NOTE_GRACE_S:
+                with open(note, encoding="utf-8") as handle:
+                    raise DataError(f"the main rank failed to prepare the data: {handle.read().strip()}")
+        except OSError:
+            pass
+        if time.time() - started >= timeout_s:
+            raise DataError(
+                f"waited {timeout_s:.0f} s for the main rank to write the tokenized data to {os.path.join(root, key)}; "
+                "give every rank a shared --cache_dir (all ranks must see the same folder), run `easysft prepare` "
+                "with the same flags first, or raise $EASYSFT_DATA_WAIT_S."
+            )
+        time.sleep(poll_s)

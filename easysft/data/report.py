@@ -1,0 +1,186 @@
+"""The data report: what was read, kept, skipped (by reason), truncated, and how long samples are.
+
+:class:`SplitStats` accumulates one split of one source; :func:`build_report` assembles the JSON-ready dict
+that ``prepare_data`` returns, the cache stores and ``easysft prepare`` prints (:func:`format_report`) and
+writes (:func:`write_report`, ``data_report.json``).
+
+Report shape (all counts are ints)::
+
+    {"template": ..., "max_prompt_len": ..., "max_ans_len": ...,
+     "train": STATS, "eval": STATS,
+     "sources": [{"name": ..., "layout": ..., "eval_origin": ..., "train": STATS, "eval": STATS}, ...]}
+
+    STATS = {"rows": rows read, "kept": samples kept, "skipped": {reason: count for every reason},
+             "skipped_total": ..., "first_skipped": {reason: "file:line (detail)"},
+             "truncated_prompts": ..., "truncated_answers": ...,
+             "num_tokens": ..., "num_supervised_tokens": ..., "supervised_share": supervised / all tokens,
+             "prompt_tokens" / "answer_tokens" / "sample_tokens": {"p50", "p90", "p99", "max"}}
+
+Prompt and answer lengths are counted BEFORE truncation (so they show what ``--max_prompt_len`` and
+``--max_ans_len`` cut); sample lengths AFTER it (what the model sees). With ``--multi_turn`` one row can make
+several samples, so ``kept + skipped_total`` may exceed ``rows``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+from easysft.data.tokenize import SKIP_REASONS
+
+PERCENTILES = (50, 90, 99)
+
+
+def percentiles(values: list[int]) -> dict[str, int]:
+    """Nearest-rank p50/p90/p99 and max (all 0 for no values): real lengths, never interpolated."""
+    if not values:
+        return {"p50": 0, "p90": 0, "p99": 0, "max": 0}
+    ordered = sorted(values)
+    out = {f"p{p}": ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)] for p in PERCENTILES}
+    out["max"] = ordered[-1]
+    return out
+
+
+@dataclass
+class SplitStats:
+    """Counters for one split of one source (merge several with :meth:`merge`)."""
+
+    rows: int = 0
+    skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
+    first_skipped: dict[str, str] = field(default_factory=dict)
+    truncated_prompts: int = 0
+    truncated_answers: int = 0
+    prompt_lens: list[int] = field(default_factory=list)
+    answer_lens: list[int] = field(default_factory=list)
+    sample_lens: list[int] = field(default_factory=list)
+    num_supervised_tokens: int = 0
+
+    def add_skip(self, reason: str, location: str, detail: str = "") -> None:
+        self.skipped[reason] += 1
+        self.first_skipped.setdefault(reason, f"{location} ({detail})" if detail else location)
+
+    def add_sample(self, sample: dict) -> None:
+        """Count a tokenize_example() result (it carries the pre-truncation lengths)."""
+        self.prompt_lens.append(sample["num_prompt_tokens"])
+        self.answer_lens.append(sample["num_answer_tokens"])
+        self.sample_lens.append(len(sample["input_ids"]))
+        self.truncated_prompts += bool(sample["prompt_truncated"])
+        self.truncated_answers += bool(sample["answer_truncated"])
+        self.num_supervised_tokens += sum(1 for label in sample["labels"] if label != -100)
+
+    def merge(self, other: SplitStats) -> None:
+        self.rows += other.rows
+        for reason, count in other.skipped.items():
+            self.skipped[reason] += count
+        for reason, where in other.first_skipped.items():
+            self.first_skipped.setdefault(reason, where)
+        self.truncated_prompts += other.truncated_prompts
+        self.truncated_answers += other.truncated_answers
+        self.prompt_lens += other.prompt_lens
+        self.answer_lens += other.answer_lens
+        self.sample_lens += other.sample_lens
+        self.num_supervised_tokens += other.num_supervised_tokens
+
+    def to_dict(self) -> dict:
+        num_tokens = sum(self.sample_lens)
+        return {
+            "rows": self.rows,
+            "kept": len(self.sample_lens),
+            "skipped": dict(self.skipped),
+            "skipped_total": sum(self.skipped.values()),
+            "first_skipped": dict(self.first_skipped),
+            "truncated_prompts": self.truncated_prompts,
+            "truncated_answers": self.truncated_answers,
+            "num_tokens": num_tokens,
+            "num_supervised_tokens": self.num_supervised_tokens,
+            "supervised_share": round(self.num_supervised_tokens / num_tokens, 4) if num_tokens else 0.0,
+            "prompt_tokens": percentiles(self.prompt_lens),
+            "answer_tokens": percentiles(self.answer_lens),
+            "sample_tokens": percentiles(self.sample_lens),
+        }
+
+
+@dataclass
+class SourceStats:
+    name: str
+    layout: str
+    eval_origin: str
+    train: SplitStats = field(default_factory=SplitStats)
+    eval: SplitStats = field(default_factory=SplitStats)
+
+
+def build_report(sources: list[SourceStats], *, template: str, max_prompt_len: int, max_ans_len: int) -> dict:
+    totals = {"train": SplitStats(), "eval": SplitStats()}
+    for source in sources:
+        totals["train"].merge(source.train)
+        totals["eval"].merge(source.eval)
+    return {
+        "template": template,
+        "max_prompt_len": max_prompt_len,
+        "max_ans_len": max_ans_len,
+        "train": totals["train"].to_dict(),
+        "eval": totals["eval"].to_dict(),
+        "sources": [
+            {"name": s.name, "layout": s.layout, "eval_origin": s.eval_origin,
+             "train": s.train.to_dict(), "eval": s.eval.to_dict()}
+            for s in sources
+        ],
+    }
+
+
+def _skip_text(stats: dict) -> str:
+    parts = [f"{reason} {count}" for reason, count in stats["skipped"].items() if count]
+    return ", ".join(parts) if parts else "none"
+
+
+def format_report(report: dict) -> str:
+    """A compact, human-readable rendering of :func:`build_report`'s dict (for the console)."""
+    lines = [
+        f"data report: template {report['template']}, max_prompt_len {report['max_prompt_len']}, "
+        f"max_ans_len {report['max_ans_len']}",
+        f"  {'split':<6}{'rows':>9}{'kept':>9}{'skipped':>9}{'trunc.prompt':>14}{'trunc.answer':>14}"
+        f"{'tokens':>11}{'supervised':>12}",
+    ]
+    for split in ("train", "eval"):
+        s = report[split]
+        lines.append(
+            f"  {split:<6}{s['rows']:>9}{s['kept']:>9}{s['skipped_total']:>9}{s['truncated_prompts']:>14}"
+            f"{s['truncated_answers']:>14}{s['num_tokens']:>11}{s['supervised_share']:>11.1%}"
+        )
+    lines.append(f"  {'token lengths':<22}{'p50':>7}{'p90':>7}{'p99':>7}{'max':>7}")
+    for split in ("train", "eval"):
+        for part in ("prompt", "answer", "sample"):
+            p = report[split][f"{part}_tokens"]
+            lines.append(f"  {split + ' ' + part:<22}{p['p50']:>7}{p['p90']:>7}{p['p99']:>7}{p['max']:>7}")
+    for split in ("train", "eval"):
+        s = report[split]
+        if s["skipped_total"]:
+            lines.append(f"  skipped ({split}): {_skip_text(s)}")
+            for reason, where in s["first_skipped"].items():
+                lines.append(f"    first {reason}: {where}")
+    lines.append("  sources:")
+    for source in report["sources"]:
+        t, e = source["train"], source["eval"]
+        lines.append(
+            f"    {source['name']} [{source['layout']}]: train {t['kept']}/{t['rows']} kept, "
+            f"eval {e['kept']}/{e['rows']} kept ({source['eval_origin']})"
+        )
+    cache = report.get("cache")
+    if cache:
+        lines.append(f"  cache: {'hit' if cache.get('hit') else 'built'} {cache.get('path')}")
+    return "\n".join(lines)
+
+
+def write_report(report: dict, path: str) -> str:
+    """Write ``report`` as JSON to ``path`` (a file, or a folder that gets ``data_report.json``); return the file."""
+    if os.path.isdir(path) or path.endswith(os.sep):
+        path = os.path.join(path, "data_report.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(report, handle, indent=2, ensure_ascii=False)
+        handle.write("\n")
+    os.replace(tmp, path)
+    return path
