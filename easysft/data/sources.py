@@ -240,11 +240,12 @@ def read_source(path: str, *, eval_fraction: float = 0.05, seed: int = 1234,
     if evals is not None:
         origin = "eval split"
     else:
-        n_eval = hold_out_count(len(train.records), eval_fraction)
-        held = set(_seeded_order(len(train.records), seed, 1)[:n_eval].tolist())
+        total = len(train.records)
+        n_eval = hold_out_count(total, eval_fraction)
+        held = set(_seeded_order(total, seed, 1)[:n_eval].tolist())
         evals = SourceSplit([r for i, r in enumerate(train.records) if i in held], train.layout)
         train = SourceSplit([r for i, r in enumerate(train.records) if i not in held], train.layout)
-        origin = f"held out {n_eval} rows (eval_fraction {eval_fraction:g})"
+        origin = f"held out {n_eval} of {total} rows (eval_fraction {eval_fraction:g})"
     sft_share = parse_data_split(data_split)[0]
     train = SourceSplit(_take_share(train.records, sft_share, seed, 2), train.layout)
     evals = SourceSplit(_take_share(evals.records, sft_share, seed, 3), evals.layout)
