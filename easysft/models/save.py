@@ -27,16 +27,27 @@ def write_json_atomic(path: str | Path, data) -> None:
     os.replace(tmp, path)
 
 
-def save_model_folder(model, tokenizer, output_dir: str | Path, *, meta: dict, state_dict=None) -> Path:
+def save_model_folder(
+    model, tokenizer, output_dir: str | Path, *, meta: dict, state_dict=None, merge_lora: bool = False
+) -> Path:
     """Save ``model`` (HF or PEFT) + tokenizer + easysft.json into ``output_dir``; safetensors only.
 
     ``state_dict``: full weights gathered by a sharding engine (ZeRO-3, FSDP); None = the model's own.
+    A PEFT model is saved as its adapter (adapter_config.json + adapter_model.safetensors); with ``merge_lora``
+    it is saved instead as a full checkpoint with the LoRA updates folded into the weights (needed when the
+    base weights trained too, where the adapter alone would not reproduce the model).
     Existing files of the same names in ``output_dir`` are replaced; other files (metrics, logs) are kept.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".model-tmp-", dir=output_dir))
     try:
+        if merge_lora:
+            from easysft.lora import merged_state_dict
+
+            state_dict = merged_state_dict(model, state_dict)
+            model = model.get_base_model()
+            state_dict = _drop_tied_output(model, state_dict)
         kwargs = {"safe_serialization": True} if _takes_safe_serialization(model) else {}
         if state_dict is not None:
             kwargs["state_dict"] = state_dict
@@ -44,6 +55,11 @@ def save_model_folder(model, tokenizer, output_dir: str | Path, *, meta: dict, s
         tokenizer.save_pretrained(tmp)
         write_json_atomic(tmp / EASYSFT_META, meta)
         names = sorted(os.listdir(tmp), key=lambda n: n in MARKER_FILES)  # markers last
+        # A folder that held the other kind (adapter vs full model) must stop loading as that kind first:
+        # resolve_model_path prefers adapter_config.json, so a stale one would shadow a new full model.
+        for stale in set(MARKER_FILES) - set(names):
+            if (output_dir / stale).is_file():
+                os.remove(output_dir / stale)
         for name in names:
             target = output_dir / name
             if target.is_dir() and not target.is_symlink():
@@ -52,6 +68,15 @@ def save_model_folder(model, tokenizer, output_dir: str | Path, *, meta: dict, s
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return output_dir
+
+
+def _drop_tied_output(model, state_dict: dict) -> dict:
+    """Without the output projection's weight when it is tied to the input embedding (else it is saved twice)."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return state_dict
+    output = model.get_output_embeddings()
+    names = [name for name, module in model.named_modules() if module is output and output is not None]
+    return {k: v for k, v in state_dict.items() if not names or k != names[0] + ".weight"}
 
 
 def _takes_safe_serialization(model) -> bool:
