@@ -82,6 +82,88 @@ def plan_epoch(
     return MicroBatchPlan(epoch=epoch, batches=batches)
 
 
+# ---- packing ----------------------------------------------------------------------------------------------------
+#
+# With --packing a micro-batch is ONE packed row (see :func:`easysft.data.collate.pack`), and a *bin* is the list
+# of sample indices that share a row. Bins are built from the epoch's seeded order, independently of the world
+# size; a global micro-batch is ``world_size`` consecutive bins and rank r takes bin r. Parity that holds:
+# (world_size x gradient_accumulation_steps) constant -> every optimizer step holds the same bins, hence the same
+# samples and the same loss (1 process x accumulation 2 == 2 processes x accumulation 1). The bins depend on the
+# token budget, so runs with different ``--packing_max_tokens`` (or, with the default budget, different
+# ``--per_device_train_batch_size``) see the same samples per epoch but grouped differently.
+
+PACKING_WINDOW = 512  # samples per best-fit window: larger packs tighter, smaller keeps more of the shuffle
+
+
+def pack_bins(order: Sequence[int], lengths: Sequence[int], max_tokens: int,
+              window: int = PACKING_WINDOW, seed: int = 0) -> list[list[int]]:
+    """Best-fit-decreasing bins of at most ``max_tokens`` tokens over ``order``, window by window.
+
+    Each window of ``window`` consecutive samples of ``order`` is packed on its own (so the result is
+    deterministic, cheap, and keeps the randomness of the order); inside a bin, samples keep their ``order``
+    position; the bins of a window are shuffled by ``seed`` (best-fit-decreasing would otherwise put every long
+    sample first). A sample longer than ``max_tokens`` gets a row of its own. Every index of ``order`` lands in
+    exactly one bin.
+
+    Example: lengths [5, 3, 4, 2], max_tokens 7, order [0, 1, 2, 3] -> bins {0, 3} (7 tokens) and {1, 2} (7).
+    """
+    if max_tokens < 1:
+        raise ValueError("max_tokens must be at least 1")
+    rng = random.Random(seed)
+    bins_out: list[list[int]] = []
+    for start in range(0, len(order), window):
+        chunk = list(order[start : start + window])
+        position = {index: k for k, index in enumerate(chunk)}
+        bins: list[list[int]] = []
+        free: list[int] = []
+        # Longest first; ties keep the order's position so the result never depends on sort stability quirks.
+        for index in sorted(chunk, key=lambda i: (-lengths[i], position[i])):
+            size = lengths[index]
+            best = -1
+            for b, room in enumerate(free):  # best fit: the fullest bin that still has room
+                if room >= size and (best < 0 or room < free[best]):
+                    best = b
+            if best < 0:
+                bins.append([index])
+                free.append(max_tokens - size)
+            else:
+                bins[best].append(index)
+                free[best] -= size
+        for members in bins:
+            members.sort(key=position.__getitem__)
+        rng.shuffle(bins)
+        bins_out.extend(bins)
+    return bins_out
+
+
+def plan_packed_epoch(
+    lengths: Sequence[int],
+    *,
+    max_tokens: int,
+    seed: int,
+    epoch: int,
+    rank: int = 0,
+    world_size: int = 1,
+    shuffle: bool = True,
+) -> MicroBatchPlan:
+    """This rank's packed micro-batches for ``epoch``: each is one bin (one row of at most ``max_tokens``).
+
+    The bins come from :func:`pack_bins` over :func:`epoch_order` and do not depend on ``world_size``; rank r
+    takes bin r of every group of ``world_size`` bins. When the last group is short, the ranks left without a
+    bin get a filler (``[None]``: one sample, every label -100), so every rank runs the same number of
+    micro-batches.
+    """
+    if not lengths:
+        raise ValueError("plan_packed_epoch needs at least one sample")
+    order = epoch_order(len(lengths), seed, epoch, shuffle)
+    bins = pack_bins(order, lengths, max_tokens, seed=(seed + epoch) * 104729 + 7)
+    batches: list[list[int | None]] = []
+    for start in range(0, len(bins), world_size):
+        group = bins[start : start + world_size]
+        batches.append(list(group[rank]) if rank < len(group) else [None])
+    return MicroBatchPlan(epoch=epoch, batches=batches)
+
+
 def materialise(indices: list[int | None], samples: Sequence[dict]) -> list[dict]:
     """Sample dicts for a micro-batch; ``None`` becomes a filler (sample 0 with every label -100)."""
     out = []

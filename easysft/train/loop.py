@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from easysft.config import DataConfig, GenerateConfig, LoraConfig, ModelConfig, TrainConfig, to_jsonable
-from easysft.data.batching import materialise, plan_epoch
-from easysft.data.collate import collate, count_supervised
+from easysft.data.batching import materialise, plan_epoch, plan_packed_epoch
+from easysft.data.collate import collate, count_supervised, count_tokens, pack
 from easysft.data.dataset import prepare_data
 from easysft.data.tokenize import IGNORE_INDEX
 from easysft.distributed import DistInfo, all_reduce_sum, barrier, print0
@@ -78,9 +78,10 @@ def train(
     model = load_model(resolved.path, dtype="fp32", trust_remote_code=model_cfg.trust_remote_code,
                        adapter_path=resolved.adapter_path, adapter_trainable=True)
     if lora_cfg.enabled:
-        from easysft.lora import apply_lora
+        from easysft.lora import apply_lora, describe_lora
 
         model = apply_lora(model, lora_cfg)
+        print0(describe_lora(model, lora_cfg))  # says what trains besides the adapters
     if train_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -93,10 +94,20 @@ def train(
     # ---- schedule ------------------------------------------------------------------------------------------------
     mbs, gas = train_cfg.per_device_train_batch_size, train_cfg.gradient_accumulation_steps
     lengths = [len(s["input_ids"]) for s in data.train] if train_cfg.group_by_length else None
+    # --packing: each micro-batch is ONE padding-free row of at most `pack_tokens` tokens (best-fit bins).
+    pack_tokens = train_cfg.packing_max_tokens or mbs * (data_cfg.max_prompt_len + data_cfg.max_ans_len)
+    sample_lengths = [len(s["input_ids"]) for s in data.train]
 
     def epoch_plan(epoch: int):
+        if train_cfg.packing:
+            return plan_packed_epoch(sample_lengths, max_tokens=pack_tokens,
+                                     seed=train_cfg.seed, epoch=epoch, rank=dist.rank, world_size=dist.world_size)
         return plan_epoch(len(data.train), micro_batch_size=mbs, seed=train_cfg.seed, epoch=epoch,
                           rank=dist.rank, world_size=dist.world_size, lengths=lengths)
+
+    def make_batch(indices):
+        samples = materialise(indices, data.train)
+        return pack(samples) if train_cfg.packing else collate(samples, tokenizer.pad_token_id)
 
     steps_per_epoch = math.ceil(len(epoch_plan(0).batches) / gas)
     total_steps = train_cfg.max_steps or math.ceil(train_cfg.num_train_epochs * steps_per_epoch)
@@ -141,10 +152,9 @@ def train(
             if step >= total_steps:
                 break
             step_started = time.perf_counter()
-            batches = [collate(materialise(idx, data.train), tokenizer.pad_token_id)
-                       for idx in plan.batches[first : first + gas]]
+            batches = [make_batch(idx) for idx in plan.batches[first : first + gas]]
             # All-reduce the step's supervised-token count BEFORE any backward: it is the loss denominator.
-            local = [sum(count_supervised(b) for b in batches), sum(int(b["attention_mask"].sum()) for b in batches)]
+            local = [sum(count_supervised(b) for b in batches), sum(count_tokens(b) for b in batches)]
             step_tokens, step_total_tokens = (int(x) for x in all_reduce_sum(torch.tensor(local)))
             step_loss_sum = torch.zeros((), dtype=torch.float64)
             engine.model.train()
@@ -156,6 +166,7 @@ def train(
                 engine.backward(loss)
                 step_loss_sum += out.loss_sum.detach().double().cpu()
             step_loss = float(all_reduce_sum(step_loss_sum)) / max(step_tokens, 1)
+            lr = engine.current_lr()  # the LR this update uses (the scheduler moves on inside the step)
             grad_norm = engine.grad_norm_and_step(train_cfg.max_grad_norm, skip=not math.isfinite(step_loss))
             step += 1
             epoch_progress = epoch + min(1.0, (first + gas) / len(plan.batches))
@@ -175,7 +186,7 @@ def train(
                 nonfinite_in_a_row = 0
 
             elapsed = time.perf_counter() - step_started
-            record = {"step": step, "epoch": round(epoch_progress, 4), "loss": step_loss, "lr": engine.current_lr(),
+            record = {"step": step, "epoch": round(epoch_progress, 4), "loss": step_loss, "lr": lr,
                       "grad_norm": grad_norm, "num_tokens": step_tokens, "total_tokens": step_total_tokens,
                       "tokens_per_s": step_total_tokens / max(elapsed, 1e-9),
                       "supervised_tokens_per_s": step_tokens / max(elapsed, 1e-9)}
@@ -201,7 +212,9 @@ def train(
     state_dict = engine.full_state_dict()
     if dist.is_main:
         save_model_folder(engine.unwrapped_model(), tokenizer, output_dir, meta=meta,
-                          state_dict=state_dict if getattr(engine, "gathers_state_dict", False) else None)
+                          state_dict=state_dict if getattr(engine, "gathers_state_dict", False) else None,
+                          # base weights trained too: the adapter alone would not be the model, save merged
+                          merge_lora=lora_cfg.enabled and not lora_cfg.only_optimize_lora)
         metrics.close()
         plot_losses(Path(output_dir) / "metrics.jsonl", Path(output_dir) / "loss.png")
         print0(f"saved the model to {output_dir}")
@@ -232,7 +245,7 @@ def _reject_unavailable(train_cfg: TrainConfig, lora_cfg: LoraConfig) -> None:
 
 
 # Features wired into this loop (each issue adds its name when it lands).
-_FEATURES: set[str] = set()
+_FEATURES: set[str] = {"lora", "packing"}
 
 
 def _prepare_output_dir(train_cfg: TrainConfig, dist: DistInfo) -> str:
