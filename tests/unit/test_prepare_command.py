@@ -1,0 +1,44 @@
+"""`easysft prepare`: builds the cache, prints the report, writes data_report.json; one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+from easysft.cli import main
+
+
+def test_prepare_prints_report_writes_json_and_hits_cache_second_time(tiny_model_dir, qa_data_dir, tmp_path,
+                                                                     capsys):
+    out = tmp_path / "run"
+    argv = ["prepare", "--data_path", qa_data_dir, "--model_name_or_path", tiny_model_dir,
+            "--max_ans_len", "32", "--output_dir", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("data report: template qa, max_prompt_len 256, max_ans_len 32")
+    assert "cache: built" in printed
+    report = json.loads((out / "data_report.json").read_text(encoding="utf-8"))
+    assert report["train"]["kept"] == 8 and report["eval"]["kept"] == 4
+    assert main(argv[:-2]) == 0
+    assert "cache: hit" in capsys.readouterr().out
+
+
+def test_prepare_bad_data_is_one_line_with_exit_code(tiny_model_dir, tmp_path, capsys):
+    bad = tmp_path / "train.json"
+    bad.write_text('[{"prompt": "a", "answer": "b"}')
+    assert main(["prepare", "--data_path", str(bad), "--model_name_or_path", tiny_model_dir]) == 3
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"easysft: error: {bad}:1:") and "\n" not in err
+
+
+def test_prepare_requires_data_path(tiny_model_dir, capsys):
+    assert main(["prepare", "--model_name_or_path", tiny_model_dir]) == 2
+    assert "--data_path is required" in capsys.readouterr().err
+
+
+def test_prepare_help_does_not_import_torch_or_datasets():
+    code = ("import sys; from easysft.cli import build_parser; build_parser('prepare').format_help(); "
+            "print(sorted(m for m in ('torch', 'datasets', 'transformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert result.stdout.strip() == "[]"
