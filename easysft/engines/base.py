@@ -45,6 +45,16 @@ class Engine(Protocol):
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Full, unsharded weights on rank 0 (None elsewhere). A collective: EVERY rank must call it."""
 
+    def save_checkpoint(self, path) -> None:
+        """Write what resuming needs into the existing folder ``path``: trainable weights as safetensors,
+        optimizer, scheduler (and GradScaler) state loadable with ``torch.load(weights_only=True)``. A collective:
+        EVERY rank calls it; sharded engines (DeepSpeed, FSDP) write their own per-rank shards. Must not write
+        ``COMPLETE``, RNG or trainer state: easysft/checkpoint.py does, after every rank returned. An engine
+        without this pair cannot use --save_steps/--resume (checkpoint.require_support says so)."""
+
+    def load_checkpoint(self, path) -> None:
+        """Restore what :meth:`save_checkpoint` wrote, after ``setup``; raise CheckpointError naming a bad file."""
+
 
 def autocast_context(device: torch.device, dtype: str):
     """bf16/fp16 autocast where it applies; fp32 runs without autocast."""

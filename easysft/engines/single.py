@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from pathlib import Path
 
 import torch
 
@@ -72,3 +73,29 @@ class SingleEngine:
 
     def full_state_dict(self):
         return self.unwrapped_model().state_dict()
+
+    def save_checkpoint(self, path) -> None:
+        """Trainable weights (safetensors), optimizer, scheduler and fp16 scaler states into ``path``."""
+        from easysft import checkpoint
+
+        path = Path(path)
+        checkpoint.save_tensors(checkpoint.trainable_state(self.unwrapped_model()), path)
+        checkpoint.save_torch_state(self.optimizer.state_dict(), path / "optimizer.pt")
+        checkpoint.save_torch_state(self.scheduler.state_dict(), path / "scheduler.pt")
+        if self.scaler is not None:
+            checkpoint.save_torch_state(self.scaler.state_dict(), path / "scaler.pt")
+
+    def load_checkpoint(self, path) -> None:
+        from easysft import checkpoint
+        from easysft.errors import CheckpointError
+
+        path = Path(path)
+        checkpoint.load_trainable(self.unwrapped_model(), path)
+        for name, target in (("optimizer.pt", self.optimizer), ("scheduler.pt", self.scheduler),
+                             ("scaler.pt", self.scaler)):
+            if target is None:
+                continue
+            try:
+                target.load_state_dict(checkpoint.load_torch_state(path / name))
+            except (ValueError, KeyError, RuntimeError) as exc:
+                raise CheckpointError(f"checkpoint file {path / name} does not fit this run: {exc}") from None

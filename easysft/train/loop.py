@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from easysft import checkpoint, signals
 from easysft.config import DataConfig, GenerateConfig, LoraConfig, ModelConfig, TrainConfig, to_jsonable
 from easysft.data.batching import materialise, plan_epoch, plan_packed_epoch
 from easysft.data.collate import collate, count_supervised, count_tokens, pack
@@ -65,6 +66,8 @@ def train(
     if train_cfg.dtype == "fp16" and dist.device.type != "cuda":
         raise ConfigError("--dtype fp16 needs a CUDA device; use --dtype bf16 or fp32 on CPU.")
     output_dir = _prepare_output_dir(train_cfg, dist)
+    checkpoint.require_support(engine, train_cfg)
+    resume_path = checkpoint.find_resume_checkpoint(train_cfg.resume, output_dir) if train_cfg.resume else None
 
     # ---- model, tokenizer, data -------------------------------------------------------------------------------
     from transformers import set_seed
@@ -114,16 +117,20 @@ def train(
     if train_cfg.debug:
         total_steps = min(total_steps, DEBUG_MAX_STEPS)
     engine.setup(model, train_cfg=train_cfg, num_training_steps=total_steps)
+    run_config = (to_jsonable(model_cfg, data_cfg, train_cfg, lora_cfg, gen_cfg)
+                  | {"world_size": dist.world_size, "engine": engine.name, "total_steps": total_steps})
+    # --resume: weights, optimizer, scheduler and data position back; metrics.jsonl cut back to that step.
+    resumed = checkpoint.resume(resume_path, output_dir, engine, dist, run_config) if resume_path else None
 
     # ---- run files (rank 0) -------------------------------------------------------------------------------------
     meta = model_meta(data, data_cfg, gen_cfg, model_cfg)
     if dist.is_main:
-        write_json_atomic(Path(output_dir) / "train_config.json",
-                          to_jsonable(model_cfg, data_cfg, train_cfg, lora_cfg, gen_cfg)
-                          | {"world_size": dist.world_size, "engine": engine.name, "total_steps": total_steps})
+        write_json_atomic(Path(output_dir) / "train_config.json", run_config)
         write_json_atomic(Path(output_dir) / "data_report.json", data.report)
     metrics = MetricsLogger(output_dir, enabled=dist.is_main, tensorboard=train_cfg.tensorboard)
     result = TrainResult(output_dir=str(output_dir), steps=0, num_trainable_params=num_trainable)
+    if resumed:
+        result.losses, result.eval_history = resumed.losses, resumed.eval_history
 
     def run_eval(step: int, epoch: float) -> None:
         if not data.eval:
@@ -141,14 +148,21 @@ def train(
     # ---- the loop -----------------------------------------------------------------------------------------------
     from tqdm import tqdm
 
-    run_eval(0, 0.0)
-    step, epoch = 0, 0
+    if resumed is None:
+        run_eval(0, 0.0)
+    step, epoch, skip_micro_batches = 0, 0, 0
     nonfinite_in_a_row = 0
-    progress = tqdm(total=total_steps, disable=not dist.is_main, dynamic_ncols=True, desc="train")
+    if resumed:  # the epoch's plan is recomputed from (seed, epoch); consumed micro-batches are skipped by index
+        state = resumed.state
+        step, epoch, skip_micro_batches = state.step, state.epoch, state.next_micro_batch
+        nonfinite_in_a_row = state.nonfinite_in_a_row
+        checkpoint.restore_rng(resumed.path, dist)  # last: nothing may draw random numbers before the loop
+    stopper = signals.StopSignals()  # SIGTERM/SIGINT: finish the step, checkpoint, exit (see signals.py)
+    progress = tqdm(total=total_steps, initial=step, disable=not dist.is_main, dynamic_ncols=True, desc="train")
     started = time.perf_counter()
     while step < total_steps:
         plan = epoch_plan(epoch)
-        for first in range(0, len(plan.batches), gas):
+        for first in range(skip_micro_batches, len(plan.batches), gas):
             if step >= total_steps:
                 break
             step_started = time.perf_counter()
@@ -162,6 +176,8 @@ def train(
                 batch = {k: v.to(dist.device) for k, v in batch.items()}
                 with engine.accumulate(i == len(batches) - 1), autocast_context(dist.device, train_cfg.dtype):
                     out = supervised_loss_sum(engine.model, batch)
+                    if step + 1 in stopper.hooks.nan_steps:  # testing hook EASYSFT_INJECT_NAN_AT_STEP
+                        out.loss_sum = out.loss_sum * float("nan")
                     loss = out.loss_sum / max(step_tokens, 1) * engine.grad_scale
                 engine.backward(loss)
                 step_loss_sum += out.loss_sum.detach().double().cpu()
@@ -178,9 +194,13 @@ def train(
                              "grad_norm": grad_norm})
                 print0(f"step {step}: non-finite loss/grad norm ({step_loss}, {grad_norm}); update skipped")
                 if nonfinite_in_a_row >= train_cfg.max_nonfinite_steps:
+                    # Skipped steps left the weights untouched: this checkpoint IS the last good state.
+                    saved = checkpoint.save(output_dir, engine, checkpoint.TrainerState(
+                        step, epoch, first + gas, reason="nonfinite"), run_config, dist) if train_cfg.output_dir else None
                     raise TrainingError(
                         f"{nonfinite_in_a_row} non-finite steps in a row (last at step {step}); lower "
                         "--learning_rate, use --dtype fp32, or check the data."
+                        + (f" Last good state saved in {saved}." if saved else "")
                     )
             else:
                 nonfinite_in_a_row = 0
@@ -199,12 +219,23 @@ def train(
                 print0(f"epoch {epoch} step {step}: loss {step_loss:.6f}")
             if train_cfg.eval_steps and step % train_cfg.eval_steps == 0:
                 run_eval(step, epoch_progress)
+            # Checkpoint every --save_steps, and on SIGTERM/SIGINT (then exit with the preemption code).
+            stop_reason = stopper.should_stop(step)
+            if stop_reason or (train_cfg.save_steps and step % train_cfg.save_steps == 0):
+                saved = checkpoint.save(output_dir, engine, checkpoint.TrainerState(
+                    step, epoch, first + gas, nonfinite_in_a_row, reason="preempted" if stop_reason else "save_steps"),
+                    run_config, dist, train_cfg.save_total_limit)
+                if stop_reason:
+                    progress.close()
+                    raise signals.Preempted(signals.stopped_message(stop_reason, step, saved))
         epoch += 1
+        skip_micro_batches = 0
         if step < total_steps and result.eval_history and result.eval_history[-1]["step"] != step:
             run_eval(step, float(epoch))  # end of a full epoch
     if not result.eval_history or result.eval_history[-1]["step"] != step:
         run_eval(step, epoch_progress)
     progress.close()
+    stopper.restore()
     result.steps = step
     print0(f"trained {step} steps in {time.perf_counter() - started:.1f}s")
 
@@ -245,7 +276,7 @@ def _reject_unavailable(train_cfg: TrainConfig, lora_cfg: LoraConfig) -> None:
 
 
 # Features wired into this loop (each issue adds its name when it lands).
-_FEATURES: set[str] = {"lora", "packing"}
+_FEATURES: set[str] = {"lora", "packing", "checkpoint"}
 
 
 def _prepare_output_dir(train_cfg: TrainConfig, dist: DistInfo) -> str:
@@ -266,6 +297,7 @@ def _prepare_output_dir(train_cfg: TrainConfig, dist: DistInfo) -> str:
             for stale in ("metrics.jsonl",):
                 if (path / stale).exists():
                     os.remove(path / stale)
+            checkpoint.remove_all(path)  # the old run's checkpoints must never be resumed into this one
     barrier()
     return output_dir
 
