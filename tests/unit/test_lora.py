@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_tiny_model
 
 from easysft.config import LoraConfig
 from easysft.errors import ConfigError
@@ -17,7 +18,6 @@ from easysft.lora import (
     portable_base_name,
     resolve_target_modules,
 )
-from conftest import make_tiny_model
 
 # The tiny Llama has 2 layers x (q, k, v, o, gate, up, down) = 14 linear layers plus lm_head.
 LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
