@@ -93,7 +93,7 @@ class DataConfig:
     )
     cache_dir: str | None = field(
         default=None,
-        metadata=_help("Tokenized-data cache folder (default: $EASYSFT_CACHE or ~/.cache/easysft/data)."),
+        metadata=_help("Tokenized-data cache folder (default: $EASYSFT_DATA_CACHE or ~/.cache/easysft/data)."),
     )
     max_train_rows: int | None = field(default=None, metadata=_help("Use at most this many training rows."))
     max_eval_rows: int | None = field(default=None, metadata=_help("Use at most this many eval rows."))
