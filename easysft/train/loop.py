@@ -33,6 +33,7 @@ from easysft.evaluate import EvalResult, evaluate
 from easysft.metrics import MetricsLogger, plot_losses
 from easysft.models.load import load_model, load_tokenizer, resolve_model_path
 from easysft.models.save import save_model_folder, write_json_atomic
+from easysft.train.faults import maybe_fail
 from easysft.train.loss import supervised_loss_sum
 
 DEBUG_MAX_STEPS = 8
@@ -185,6 +186,7 @@ def train(
             lr = engine.current_lr()  # the LR this update uses (the scheduler moves on inside the step)
             grad_norm = engine.grad_norm_and_step(train_cfg.max_grad_norm, skip=not math.isfinite(step_loss))
             step += 1
+            maybe_fail(step, dist.rank)  # testing hook (EASYSFT_FAIL_AT_STEP); a no-op otherwise
             epoch_progress = epoch + min(1.0, (first + gas) / len(plan.batches))
 
             # Non-finite guard: the update was skipped by the engine; count and stop after too many in a row.
@@ -197,6 +199,7 @@ def train(
                     # Skipped steps left the weights untouched: this checkpoint IS the last good state.
                     saved = checkpoint.save(output_dir, engine, checkpoint.TrainerState(
                         step, epoch, first + gas, reason="nonfinite"), run_config, dist) if train_cfg.output_dir else None
+                    progress.close()  # before the error line, so the bar is not redrawn after it
                     raise TrainingError(
                         f"{nonfinite_in_a_row} non-finite steps in a row (last at step {step}); lower "
                         "--learning_rate, use --dtype fp32, or check the data."
