@@ -19,7 +19,7 @@ TEMPLATES = ["qa", "chat", "### Instruction:\n{prompt}\n### Response:\n"]
 
 
 def supervised(sample):
-    return [t for t, l in zip(sample["input_ids"], sample["labels"], strict=True) if l != IGNORE_INDEX]
+    return [t for t, label in zip(sample["input_ids"], sample["labels"], strict=True) if label != IGNORE_INDEX]
 
 
 @pytest.mark.parametrize("template", TEMPLATES)
