@@ -1,14 +1,24 @@
-"""``make bench``: every benchmark in turn (today: training speed against TRL, see bench/bench_train.py)."""
+"""``make bench``: every benchmark in turn, each in its own process; they print tables, never pass/fail.
+
+Arguments are passed to the training benchmark (``bench/bench_train.py``, easysft vs TRL), which runs first;
+the others (present ones of :data:`OTHERS`) run with their defaults.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import subprocess
 import sys
 
-from bench import bench_train
+OTHERS = ("bench.bench_infer", "bench.bench_lora")
 
 
 def main() -> int:
-    return bench_train.main(sys.argv[1:])
+    codes = [subprocess.call([sys.executable, "-m", "bench.bench_train", *sys.argv[1:]])]
+    for module in OTHERS:
+        if importlib.util.find_spec(module) is not None:
+            codes.append(subprocess.call([sys.executable, "-m", module]))
+    return max(codes)
 
 
 if __name__ == "__main__":
