@@ -169,3 +169,27 @@ def test_bad_lora_module_name_is_one_line_exit_2(tiny_model_dir, qa_data_dir, tm
     assert code == 2
     assert len(errors) == 1 and errors[0].startswith("easysft: error: --lora_module_name")
     assert "query_key" in errors[0] and "q_proj" in errors[0]
+
+
+@pytest.mark.slow
+def test_lora_run_stopped_and_resumed_ends_with_the_same_adapter(tiny_model_dir, qa_data_dir, tmp_path, monkeypatch):
+    from easysft import signals
+
+    def run(out, **kwargs):
+        return train(ModelConfig(model_name_or_path=tiny_model_dir), DataConfig(data_path=[qa_data_dir]),
+                     TrainConfig(output_dir=str(out), per_device_train_batch_size=2, max_steps=4, learning_rate=1e-2,
+                                 lr_scheduler_type="linear", tensorboard=False, save_steps=2, **kwargs),
+                     LoraConfig(lora_dim=2, lora_module_name="q_proj,v_proj"))
+
+    full = run(tmp_path / "full")
+    monkeypatch.setenv("EASYSFT_STOP_AFTER_STEP", "3")
+    with pytest.raises(signals.Preempted):
+        run(tmp_path / "stopped")
+    monkeypatch.delenv("EASYSFT_STOP_AFTER_STEP")
+    resumed = run(tmp_path / "stopped", resume="latest")
+    assert resumed.losses[-1] == pytest.approx(full.losses[-1], abs=1e-6)
+    a = load_file(str(tmp_path / "full" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "stopped" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=0, msg=name)
