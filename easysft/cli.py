@@ -64,6 +64,10 @@ def _top_level_help() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # The deepspeed launcher inserts `--local_rank=N` BEFORE the script's own arguments (`easysft --local_rank=0
+    # train ...`): move it behind the subcommand so `train` is still recognised.
+    while argv and "=" in argv[0] and argv[0].split("=", 1)[0] in ("--local_rank", "--local-rank"):
+        argv = argv[1:] + argv[:1]
     if argv and argv[0] in ("-h", "--help"):
         print(_top_level_help())
         return 0

@@ -33,5 +33,22 @@ def run(values: dict) -> int:
     model_cfg, data_cfg, train_cfg, lora_cfg, gen_cfg = build_configs(values)
     from easysft.train.loop import train
 
-    train(model_cfg, data_cfg, train_cfg, lora_cfg, gen_cfg)
+    try:
+        train(model_cfg, data_cfg, train_cfg, lora_cfg, gen_cfg)
+    except Exception as exc:
+        _name_the_rank(exc)
+        raise
     return 0
+
+
+def _name_the_rank(exc: Exception) -> None:
+    """Under a launcher, say which rank failed (one line) before the error propagates and the process exits.
+
+    The launcher (torchrun's agent, DeepSpeed's launch.py) then stops the other ranks, which would otherwise wait
+    in a collective for the failed one."""
+    import os
+    import sys
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print(f"easysft: rank {os.environ.get('RANK', '?')}: {type(exc).__name__}: {exc}", file=sys.stderr,
+              flush=True)

@@ -9,6 +9,9 @@ from easysft.errors import ConfigError
 # Imported lazily: DeepSpeed alone costs seconds to import.
 ENGINES = {
     "single": "easysft.engines.single:SingleEngine",
+    "ddp": "easysft.engines.ddp:DDPEngine",
+    "fsdp": "easysft.engines.fsdp:FSDPEngine",
+    "deepspeed": "easysft.engines.deepspeed:DeepSpeedEngine",
 }
 
 
