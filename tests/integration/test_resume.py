@@ -93,15 +93,3 @@ def test_stop_and_resume_is_bit_identical_mid_epoch_and_at_epoch_boundary(dropou
                        if "eval_loss" in x]
     assert eval_steps == full_eval_steps
 
-
-def test_non_empty_output_dir_needs_resume_or_overwrite_and_overwrite_drops_old_checkpoints(
-        tiny_model_dir, qa_data_dir, tmp_path):
-    out = tmp_path / "out"
-    proc = train_cli(out, tiny_model_dir, qa_data_dir, "--max_steps", "2", "--save_steps", "1")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    proc = train_cli(out, tiny_model_dir, qa_data_dir)
-    assert proc.returncode == 2 and "is not empty" in proc.stderr.strip().splitlines()[-1]
-    assert "Traceback" not in proc.stderr
-    proc = train_cli(out, tiny_model_dir, qa_data_dir, "--max_steps", "2", "--overwrite_output_dir")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert checkpoint.list_checkpoints(out) == []  # the old run's checkpoints cannot leak into this run

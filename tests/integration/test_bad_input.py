@@ -1,0 +1,228 @@
+"""The bad-input suite (issue 8): every case gives ONE clear `easysft: error: ...` line on stderr, a non-zero exit
+code (README "Exit codes": 2 config, 3 data, 4 model, 5 checkpoint, 6 training, 75 preempted), no traceback, and
+nothing half-written in --output_dir. A few inputs that look bad must simply work (BOM, CRLF, very long prompts).
+
+Run in-process through ``easysft.cli.main`` (the same code path as the console script) for speed; one case runs
+the real `python -m easysft` process end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from easysft import checkpoint
+from easysft.cli import main
+from tests.conftest import QA_ROWS, write_qa_folder
+
+CONFIG, DATA, MODEL, CHECKPOINT = 2, 3, 4, 5
+
+
+def train(model_dir, data_path, out, *extra):
+    return main(["train", "--data_path", str(data_path), "--model_name_or_path", str(model_dir), "--output_dir",
+                 str(out), "--per_device_train_batch_size", "2", "--max_steps", "1", "--tensorboard", "false",
+                 "--max_prompt_len", "32", "--max_ans_len", "16", *extra])
+
+
+def files_in(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+def assert_clean_failure(code, capsys, expected_code, pattern, out: Path | None = None):
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == expected_code, err[-2000:]
+    assert "Traceback" not in err
+    assert lines and lines[-1].startswith("easysft: error: "), lines[-3:]
+    assert re.search(pattern, lines[-1]), lines[-1]
+    if out is not None:
+        assert files_in(out) == [], f"half-written output: {files_in(out)}"
+    return lines[-1]
+
+
+def write(folder: Path, name: str, content: str | bytes) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    return path
+
+
+# ---- data ------------------------------------------------------------------------------------------------------
+
+GOOD = [json.dumps(r, ensure_ascii=False) for r in QA_ROWS]
+
+DATA_CASES = {
+    "invalid_json": ("train.json", '[{"prompt": "a", "answer": "b"},\n {"prompt": "c" "answer": "d"}]', (),
+                     r"train\.json:2\b.*invalid JSON"),
+    "invalid_jsonl_line_strict": ("train.jsonl", "\n".join([GOOD[0], '{"prompt": "c", answer}', *GOOD[1:]]),
+                                  ("--strict",), r"train\.jsonl:2\b"),
+    "invalid_jsonl_every_line": ("train.jsonl", "{\"prompt\": \"c\", answer}\n{oops\n", (), r"train\.jsonl:\d+ .*Expecting"),
+    "missing_keys": ("train.json", json.dumps([{"question": "q", "reply": "r"}] * 4), (),
+                     r"unrecognised data layout \(columns found: question, reply\)"),
+    "null_answers": ("train.json", json.dumps([{"prompt": "q", "answer": None}] * 4), (),
+                     r"non_string_answer.*train\.json:1"),
+    "numeric_answers": ("train.json", json.dumps([{"prompt": "q", "answer": 4}] * 4), (),
+                        r"non_string_answer.*train\.json:1"),
+    "empty_and_whitespace_answers": ("train.json", json.dumps([{"prompt": "q", "answer": " \t "},
+                                                               {"prompt": "q", "answer": ""}] * 3), (),
+                                     r"no training sample left after filtering.*empty_answer"),
+    "empty_after_filtering": ("train.json", json.dumps([{"prompt": "q", "answer": ""}, {"prompt": "q", "answer": None},
+                                                        {"prompt": "q", "answer": 1.5}] * 2), (),
+                              r"no training sample left after filtering"),
+    "empty_file": ("train.json", "[]", (), r"train\.json"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DATA_CASES))
+def test_bad_data_is_one_line_exit_3_nothing_written(case, tiny_model_dir, tmp_path, capsys):
+    name, content, flags, pattern = DATA_CASES[case]
+    path = write(tmp_path / "data", name, content)
+    out = tmp_path / "out"
+    assert_clean_failure(train(tiny_model_dir, path, out, *flags), capsys, DATA, pattern, out)
+
+
+def test_missing_data_path(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert_clean_failure(train(tiny_model_dir, tmp_path / "nope", out), capsys, DATA, r"nope: no such file", out)
+
+
+def test_bom_and_crlf_files_work(tiny_model_dir, tmp_path, capsys):
+    bom_crlf = b"\xef\xbb\xbf" + "\r\n".join(GOOD).encode("utf-8") + b"\r\n"
+    jsonl = write(tmp_path / "a", "train.jsonl", bom_crlf)
+    as_json = write(tmp_path / "b", "train.json", b"\xef\xbb\xbf" + json.dumps(QA_ROWS, indent=1).replace(
+        "\n", "\r\n").encode("utf-8"))
+    for path in (jsonl, as_json):
+        out = tmp_path / f"out-{path.parent.name}"
+        assert train(tiny_model_dir, path, out) == 0, capsys.readouterr().err[-2000:]
+        report = json.loads((out / "data_report.json").read_text())
+        # A BOM read as text would break row 1 (invalid JSON -> skipped): all 8 rows must be kept.
+        assert report["train"]["skipped_total"] == 0 and report["train"]["kept"] + report["eval"]["kept"] == 8
+
+
+def test_prompt_100x_longer_than_max_prompt_len_is_truncated_and_trains(tiny_model_dir, tmp_path, capsys):
+    long_row = {"prompt": "word " * (100 * 32), "answer": "short answer"}
+    data = write_qa_folder(tmp_path / "data", train_rows=[long_row] + QA_ROWS[1:])
+    out = tmp_path / "out"
+    assert train(tiny_model_dir, data, out) == 0, capsys.readouterr().err[-2000:]
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["train"]["truncated_prompts"] >= 1 and report["train"]["kept"] == 8
+
+
+# ---- model -------------------------------------------------------------------------------------------------------
+
+
+def test_model_path_that_does_not_exist(qa_data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert_clean_failure(train(tmp_path / "no-model", qa_data_dir, out), capsys, MODEL, r"no-model: no such folder",
+                         out)
+
+
+def test_folder_with_only_a_bert_config_is_refused(qa_data_dir, tmp_path, capsys):
+    from transformers import BertConfig
+
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37).save_pretrained(
+        tmp_path / "bert")
+    out = tmp_path / "out"
+    assert_clean_failure(train(tmp_path / "bert", qa_data_dir, out), capsys, MODEL, r"bert", out)
+
+
+def _save_with_tokenizer(model, tokenizer, folder):
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_non_causal_checkpoint_is_refused(qa_data_dir, tokenizer, tmp_path, capsys):
+    from transformers import ViTConfig, ViTModel
+
+    folder = _save_with_tokenizer(ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                     intermediate_size=37, image_size=8, patch_size=4)),
+                                  tokenizer, tmp_path / "vit")
+    out = tmp_path / "out"
+    assert_clean_failure(train(folder, qa_data_dir, out), capsys, MODEL, r"not a causal language model", out)
+
+
+@pytest.mark.xfail(strict=True, reason="models/load.py loads a BERT encoder checkpoint as BertLMHeadModel with "
+                                       "is_decoder=False (bidirectional attention sees the answer); it should refuse")
+def test_bert_encoder_checkpoint_is_refused(qa_data_dir, tokenizer, tmp_path, capsys):
+    from transformers import BertConfig, BertModel
+
+    folder = _save_with_tokenizer(BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
+                                                       num_attention_heads=2, intermediate_size=37)),
+                                  tokenizer, tmp_path / "bert")
+    out = tmp_path / "out"
+    assert_clean_failure(train(folder, qa_data_dir, out), capsys, MODEL, r"causal", out)
+
+
+# ---- flags and output_dir ------------------------------------------------------------------------------------------
+
+FLAG_CASES = {
+    "max_ans_len_0": (("--max_ans_len", "0"), r"--max_ans_len must be at least 1"),
+    "max_ans_len_negative": (("--max_ans_len", "-3"), r"--max_ans_len must be at least 1"),
+    "batch_size_0": (("--per_device_train_batch_size", "0"), r"--per_device_train_batch_size must be at least 1"),
+    "unknown_scheduler": (("--lr_scheduler_type", "warmup_cosine_magic"), r"--lr_scheduler_type .* is unknown"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FLAG_CASES))
+def test_bad_flags_exit_2(case, tiny_model_dir, qa_data_dir, tmp_path, capsys):
+    flags, pattern = FLAG_CASES[case]
+    out = tmp_path / "out"
+    assert_clean_failure(train(tiny_model_dir, qa_data_dir, out, *flags), capsys, CONFIG, pattern, out)
+    assert not out.exists()
+
+
+def test_output_dir_that_is_a_file(tiny_model_dir, qa_data_dir, tmp_path, capsys):
+    out = write(tmp_path, "taken", "not a folder")
+    assert_clean_failure(train(tiny_model_dir, qa_data_dir, out), capsys, CONFIG, r"--output_dir .* is a file")
+    assert out.read_text() == "not a folder"
+
+
+def test_used_output_dir_needs_overwrite_or_resume(tiny_model_dir, qa_data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert train(tiny_model_dir, qa_data_dir, out, "--save_steps", "1") == 0
+    before = {name: (out / name).stat().st_mtime_ns for name in files_in(out)}
+    capsys.readouterr()
+    assert_clean_failure(train(tiny_model_dir, qa_data_dir, out), capsys, CONFIG,
+                         r"is not empty.*--overwrite_output_dir.*--resume")
+    assert {name: (out / name).stat().st_mtime_ns for name in files_in(out)} == before  # untouched
+    assert train(tiny_model_dir, qa_data_dir, out, "--overwrite_output_dir") == 0
+    assert checkpoint.list_checkpoints(out) == []  # the old run's checkpoints cannot be resumed into the new run
+
+
+def test_resume_without_any_checkpoint(tiny_model_dir, qa_data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert_clean_failure(train(tiny_model_dir, qa_data_dir, out, "--resume"), capsys, CHECKPOINT,
+                         r"no complete checkpoint in .*checkpoints", out)
+
+
+def test_corrupted_checkpoint_is_a_checkpoint_error_naming_the_file(tiny_model_dir, qa_data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert train(tiny_model_dir, qa_data_dir, out, "--save_steps", "1", "--max_steps", "2") == 0
+    os.remove(out / "model.safetensors")
+    weights = checkpoint.step_dir(out, 2) / "model.safetensors"
+    with open(weights, "r+b") as handle:
+        handle.truncate(100)
+    capsys.readouterr()
+    line = assert_clean_failure(train(tiny_model_dir, qa_data_dir, out, "--max_steps", "3", "--resume"), capsys,
+                                CHECKPOINT, re.escape(str(weights)))
+    assert "truncated" in line
+    assert not (out / "model.safetensors").exists()  # nothing written past the failure
+
+
+@pytest.mark.slow
+def test_real_process_prints_one_line_and_exits_3(tiny_model_dir, tmp_path):
+    path = write(tmp_path / "data", "train.json", '[{"prompt": "a", "answer": "b"},\n {"prompt": "c" "answer": "d"}]')
+    proc = subprocess.run([sys.executable, "-m", "easysft", "train", "--data_path", str(path), "--model_name_or_path",
+                           tiny_model_dir, "--output_dir", str(tmp_path / "out")], capture_output=True, text=True,
+                          env=os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}, timeout=300)
+    assert proc.returncode == DATA
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("easysft: error:")]
+    assert len(errors) == 1 and re.search(r"train\.json:2\b", errors[0])
+    assert files_in(tmp_path / "out") == []
