@@ -189,3 +189,39 @@ def test_first_signal_only_requests_a_stop_and_handlers_are_restored():
     assert stopper.should_stop(2) == "SIGTERM"
     stopper.restore()
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+# ---- security defaults -------------------------------------------------------------------------------------------
+
+
+def test_trust_remote_code_is_off_unless_asked():
+    from easysft.cli import parse_values
+    from easysft.commands.train import build_configs
+    from easysft.config import ModelConfig
+
+    assert ModelConfig().trust_remote_code is False
+    model_cfg = build_configs(parse_values("train", ["--data_path", "x"]))[0]
+    assert model_cfg.trust_remote_code is False
+
+
+def test_every_torch_load_in_the_package_is_weights_only():
+    import re
+    from pathlib import Path
+
+    import easysft
+
+    calls = []
+    for source in Path(easysft.__file__).parent.rglob("*.py"):
+        text = source.read_text(encoding="utf-8")
+        for match in re.finditer(r"torch\.load\(([^)]*)\)", text):
+            calls.append((source.name, match.group(1)))
+    assert calls, "expected at least checkpoint.load_torch_state"
+    assert all("weights_only=True" in args for _, args in calls), calls
+
+
+def test_a_checkpoint_holds_only_safetensors_json_and_weights_only_files(tokenizer, tmp_path):
+    path = save(tmp_path, make_engine(tokenizer), 1)
+    for file in path.iterdir():
+        assert file.suffix in (".safetensors", ".json", ".pt") or file.name == checkpoint.COMPLETE, file.name
+        if file.suffix == ".pt":
+            torch.load(file, weights_only=True)  # raises on anything but tensors and plain containers
