@@ -20,6 +20,7 @@ from easysft.generate import (
     generate_ids,
     left_pad,
     length_order,
+    plan_batches,
     resolve_settings,
     shard_for_rank,
 )
@@ -44,6 +45,18 @@ def test_left_pad_and_helpers():
     assert cut_at_stop([4, 9, 2, 7, 2], [2]) == [4, 9]
     assert cut_at_stop([4, 9], [2]) == [4, 9]
     assert length_order([[1], [1, 2, 3], [1, 2], [4, 5, 6]]) == [1, 3, 2, 0]  # longest first, stable
+
+
+def test_plan_batches_trades_padding_against_batches():
+    assert plan_batches([100, 10, 10, 100, 10], max_batch_size=4, max_new_tokens=1) == [[0, 3], [1, 2, 4]]
+    # Similar lengths: as few batches as the cap allows, every prompt exactly once, longest first.
+    lengths = [20, 21, 19, 22, 20, 18, 20]
+    batches = plan_batches(lengths, max_batch_size=3, max_new_tokens=16)
+    assert len(batches) == 3 and max(len(b) for b in batches) <= 3
+    assert sorted(i for b in batches for i in b) == list(range(7))
+    flat = [lengths[i] for b in batches for i in b]
+    assert flat == sorted(lengths, reverse=True)
+    assert plan_batches([], 8, 4) == []
 
 
 def test_shards_cover_every_prompt_once():
@@ -108,10 +121,11 @@ def test_rows_stop_at_their_own_eos(tokenizer):
     """Force EOS in one row only: that row ends early while the others run to max_new_tokens."""
     model = make_tiny_model(tokenizer, seed=0, initializer_range=0.2).eval()
     eos = tokenizer.eos_token_id
-    prompts = [tokenizer(text)["input_ids"] for text in TEXTS[:3]]
+    # Equal lengths: one batch, rows in input order.
+    prompts = [tokenizer(text)["input_ids"][:5] for text in TEXTS[1:4]]
 
     class ForceEos:
-        """Row 1 (the second-longest prompt, sorted into batch row 1) must emit EOS at step 3."""
+        """Batch row 1 (prompt 1) must emit EOS at step 3."""
 
         def __init__(self):
             self.step = 0
@@ -132,9 +146,8 @@ def test_rows_stop_at_their_own_eos(tokenizer):
                            batch_size=3)
     finally:
         G.PaddingAwareRepetitionPenalty = original
-    order = length_order(prompts)
-    assert len(got[order[1]]) == 2  # two tokens, then the forced EOS (excluded)
-    assert [len(got[i]) for i in (order[0], order[2])] == [6, 6]
+    assert len(got[1]) == 2  # two tokens, then the forced EOS (excluded)
+    assert [len(got[0]), len(got[2])] == [6, 6]
 
 
 def test_resolve_settings_precedence(tokenizer):
