@@ -48,7 +48,8 @@ class Engine(Protocol):
     def save_checkpoint(self, path) -> None:
         """Write what resuming needs into the existing folder ``path``: trainable weights as safetensors,
         optimizer, scheduler (and GradScaler) state loadable with ``torch.load(weights_only=True)``. A collective:
-        EVERY rank calls it; sharded engines (DeepSpeed, FSDP) write their own per-rank shards. Must not write
+        EVERY rank calls it; sharded engines (DeepSpeed, FSDP) write their own per-rank shards,
+        replicated ones (DDP) write on rank 0 only (the same file from several ranks would be torn). Must not write
         ``COMPLETE``, RNG or trainer state: easysft/checkpoint.py does, after every rank returned. An engine
         without this pair cannot use --save_steps/--resume (checkpoint.require_support says so)."""
 
