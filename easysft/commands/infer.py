@@ -6,7 +6,14 @@ Flags are those of ModelConfig, DataConfig, GenerateConfig and InferConfig. Valu
 
 from __future__ import annotations
 
-from easysft.config import DataConfig, GenerateConfig, InferConfig, ModelConfig, add_dataclass_flags, from_flat_dict
+from easysft.config import (
+    DataConfig,
+    GenerateConfig,
+    InferConfig,
+    ModelConfig,
+    add_dataclass_flags,
+    from_flat_dict,
+)
 
 
 def add_arguments(parser) -> None:

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import make_tiny_model
 
 from easysft.config import GenerateConfig
 from easysft.data.templates import Template
@@ -24,7 +25,6 @@ from easysft.generate import (
     resolve_settings,
     shard_for_rank,
 )
-from conftest import make_tiny_model
 
 # Lengths 1 .. 28 tokens with the SmolLM2 tokenizer: the longest is more than 4x the shortest.
 TEXTS = [
@@ -172,10 +172,11 @@ def test_resolve_settings_precedence(tokenizer):
 def test_infer_prompt_equals_training_prompt(tmp_path, tiny_model_dir, tokenizer, monkeypatch, template):
     """Through the real `infer` pipeline (model folder with easysft.json, data folder), the prompt ids sent to
     generation are the training sample's ids up to its first supervised token -- truncation included."""
-    from easysft.config import DataConfig, InferConfig, ModelConfig
-    from easysft import generate as G
-    from easysft.inference import run_inference
     from conftest import QA_ROWS, write_qa_folder
+
+    from easysft import generate as G
+    from easysft.config import DataConfig, InferConfig, ModelConfig
+    from easysft.inference import run_inference
 
     model_dir = tmp_path / "trained"
     shutil.copytree(tiny_model_dir, model_dir)
