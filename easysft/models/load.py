@@ -110,11 +110,32 @@ def load_model(
         ) from None
     except OSError as exc:
         raise ModelError(f"cannot load model weights from {path}: {str(exc).splitlines()[0]}") from None
+    assert_causal(model, path)
     if adapter_path is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter_path, is_trainable=adapter_trainable)
     return model
+
+
+@torch.no_grad()
+def assert_causal(model, path: str) -> None:
+    """Refuse models whose position t sees tokens after t (e.g. a BERT checkpoint that transformers happily
+    wraps as ``BertLMHeadModel`` with bidirectional attention): they would read the answer they are trained on.
+
+    Probe: two inputs that differ only in their last token must give the same logits at every earlier position.
+    """
+    vocab = int(getattr(model.config, "vocab_size", 0) or getattr(model.get_input_embeddings(), "num_embeddings", 8))
+    probe = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 5]]) % max(vocab, 6)
+    was_training = model.training
+    model.eval()
+    logits = model(input_ids=probe).logits.float()
+    model.train(was_training)
+    if not torch.allclose(logits[0, :3], logits[1, :3], atol=1e-3, rtol=1e-3):
+        raise ModelError(
+            f"{path} ({model.config.model_type}) attends to later tokens: it is not a causal (decoder-only) "
+            "language model; give a decoder-only checkpoint such as Llama, Qwen, Mistral or SmolLM."
+        )
 
 
 def load_model_and_tokenizer(name_or_path: str, *, dtype: str = "fp32", trust_remote_code: bool = False):

@@ -147,10 +147,13 @@ def test_non_causal_checkpoint_is_refused(qa_data_dir, tokenizer, tmp_path, caps
     assert_clean_failure(train(folder, qa_data_dir, out), capsys, MODEL, r"not a causal language model", out)
 
 
-@pytest.mark.xfail(strict=True, reason="models/load.py loads a BERT encoder checkpoint as BertLMHeadModel with "
-                                       "is_decoder=False (bidirectional attention sees the answer); it should refuse")
 def test_bert_encoder_checkpoint_is_refused(qa_data_dir, tokenizer, tmp_path, capsys):
     from transformers import BertConfig, BertModel
+    from transformers.utils import logging as hf_logging
+
+    # transformers' load report for this odd checkpoint goes to a stream handler bound to an earlier test's
+    # captured stderr; silence it so only easysft's own message is checked.
+    hf_logging.set_verbosity_error()
 
     folder = _save_with_tokenizer(BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
                                                        num_attention_heads=2, intermediate_size=37)),
