@@ -1,6 +1,6 @@
 """Inference benchmark: `easysft infer`'s batched path vs sequential per-prompt `transformers` generation.
 
-    python -m bench.bench_infer                        # 32 prompts, 24 new tokens, batches of 16
+    python -m bench.bench_infer                        # 24 prompts, 16 new tokens, batches of at most 24
     python -m bench.bench_infer --num_prompts 8 --max_new_tokens 8    # a smoke run
 
 Both sides run in ONE process on the same loaded model (the bundled SmolLM2-135M-Instruct, fp32) and the same
@@ -29,9 +29,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num_prompts", type=int, default=32)
-    parser.add_argument("--max_new_tokens", type=int, default=24)
-    parser.add_argument("--batch_size", type=int, default=16, help="easysft's per_device_eval_batch_size")
+    parser.add_argument("--num_prompts", type=int, default=24)
+    parser.add_argument("--max_new_tokens", type=int, default=16)
+    parser.add_argument("--batch_size", type=int, default=24, help="easysft's per_device_eval_batch_size")
     parser.add_argument("--repetition_penalty", type=float, default=2.0)
     parser.add_argument("--out", default=str(RESULTS / "infer.md"))
     return parser.parse_args(argv)
