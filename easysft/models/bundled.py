@@ -71,16 +71,7 @@ def bundled_checkpoint_dir() -> Path:
     model.load_state_dict(gguf_model.state_dict(), strict=False)
     model.tie_weights()
     model.generation_config = gguf_model.generation_config
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if target.exists():  # an incomplete earlier attempt
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    _write_folder_atomically(target, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
     return target
 
 
@@ -97,13 +88,18 @@ def bundled_tokenizer_dir() -> Path:
     source = gguf_path()
     target.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    _write_folder_atomically(target, tokenizer.save_pretrained)
+    return target
+
+
+def _write_folder_atomically(target: Path, write) -> None:
+    """``write(tmp_folder)``, then rename it to ``target`` (replacing an incomplete earlier attempt)."""
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
-        tokenizer.save_pretrained(tmp)
+        write(tmp)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
