@@ -26,9 +26,10 @@ Non-finite steps (what DeepSpeed allows): the norm is only known inside ``engine
 "discard this step" call. With ZeRO 1-3 (fp32, bf16 with ``check_grad_overflow``, fp16) DeepSpeed itself skips an
 update whose global gradient norm is inf/NaN, on every rank alike (the overflow flag is all-reduced); easysft then
 does not step the scheduler and reports the norm as inf. With ZeRO-0 in fp32 (plain torch optimizer, gradients
-already all-reduced and identical on every rank) easysft checks the norm before the step and drops the gradients
-so the optimizer leaves the weights alone. A step the loop asks to skip (non-finite loss) whose gradients are
-finite cannot be withdrawn under ZeRO 1-3: that is reported once as a warning.
+already all-reduced and identical on every rank) easysft checks the norm first and, if it is non-finite, drops
+the gradients without calling ``engine.step()``, so the weights stay as they were. A step the loop asks to skip
+(non-finite loss) whose gradients are finite cannot be withdrawn under ZeRO 1-3: that is reported once as a
+warning.
 """
 
 from __future__ import annotations
@@ -235,9 +236,11 @@ class DeepSpeedEngine:
         params = [p for p in self.model.module.parameters() if p.grad is not None]
         norm = float(torch.nn.utils.get_total_norm([p.grad for p in params])) if params else 0.0
         if skip or not math.isfinite(norm):
+            # No engine.step(): it would still clip and step (DeepSpeed's clipping even fails on zero gradients).
+            # Dropping the gradients is all a skipped step needs; the loop marks the accumulation boundaries
+            # itself, so DeepSpeed's micro-step counter falling one behind changes nothing.
             for p in params:
-                p.grad = None  # torch AdamW leaves parameters without a gradient untouched
-            self.model.step()
+                p.grad = None
             return norm
         self.model.step()
         if self.scheduler is not None:

@@ -77,6 +77,12 @@ def read_losses(output_dir: str | Path) -> list[float]:
     return [record["loss"] for record in map(json.loads, filter(None, lines)) if "loss" in record]
 
 
+def read_grad_norms(output_dir: str | Path) -> list[float]:
+    """Per-optimizer-step gradient norms (before clipping) rank 0 logged."""
+    lines = Path(output_dir, "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [record["grad_norm"] for record in map(json.loads, filter(None, lines)) if "grad_norm" in record]
+
+
 def read_final_eval(output_dir: str | Path) -> float:
     lines = Path(output_dir, "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     return [r["eval_loss"] for r in map(json.loads, filter(None, lines)) if "eval_loss" in r][-1]

@@ -2,8 +2,8 @@
 
 Same global batch and sample order: one process with micro-batch 4 against 2 ranks with micro-batch 2 (the
 batching rule gives rank r the r-th half of each global micro-batch). fp32, dropout 0, 10 optimizer steps.
-Every per-step loss must agree within 1e-4, and so must the saved model (loaded with plain transformers), and
-the final eval loss (which reduces (NLL sum, token count) over ranks).
+Every per-step loss must agree within 1e-4, and so must the saved model (loaded with plain transformers), the
+final eval loss (which reduces (NLL sum, token count) over ranks) and, within 0.1%, every gradient norm.
 
 The training rows are crafted so that, in every micro-batch of the first epoch, rank 0 gets two LONG answers and
 rank 1 two SHORT ones: per-rank token counts differ several-fold, so any per-rank (instead of global) loss
@@ -24,6 +24,7 @@ from dist_launch import (
     load_weights,
     max_weight_diff,
     read_final_eval,
+    read_grad_norms,
     read_losses,
     run_many,
     torchrun_cmd,
@@ -129,6 +130,10 @@ def test_two_ranks_match_one_process(parity, name, gas):
     assert len(single_losses) == len(multi_losses) == STEPS
     worst = max(abs(a - b) for a, b in zip(single_losses, multi_losses, strict=True))
     assert worst < TOL, f"{name} gas {gas}: per-step losses differ by {worst:.2e}\n{single_losses}\n{multi_losses}"
+    # AdamW hardly sees a constant factor on the gradient; the gradient norm does (e.g. a forgotten
+    # world_size or accumulation factor in grad_scale would show here as x2 or x0.5).
+    for a, b in zip(read_grad_norms(single), read_grad_norms(multi), strict=True):
+        assert abs(a - b) <= 1e-3 * abs(a), f"{name} gas {gas}: grad norm {b} != single-process {a}"
     assert abs(read_final_eval(single) - read_final_eval(multi)) < TOL
     diff = max_weight_diff(load_weights(single), load_weights(multi))
     assert diff < TOL, f"{name} gas {gas}: saved weights differ by {diff:.2e}"
