@@ -171,7 +171,6 @@ def test_bad_lora_module_name_is_one_line_exit_2(tiny_model_dir, qa_data_dir, tm
     assert "query_key" in errors[0] and "q_proj" in errors[0]
 
 
-@pytest.mark.slow
 def test_lora_run_stopped_and_resumed_ends_with_the_same_adapter(tiny_model_dir, qa_data_dir, tmp_path, monkeypatch):
     from easysft import signals
 
