@@ -6,8 +6,11 @@ One checkpoint folder holds::
                                 (``model-0000k-of-0000n.safetensors`` + ``model.safetensors.index.json`` when large)
     optimizer.pt  scheduler.pt  torch.save of the state dicts, read back with ``torch.load(weights_only=True)``
     (scaler.pt)                 the fp16 GradScaler, when there is one
-                                -- the three lines above are the single engine's; DeepSpeed/FSDP engines write
-                                their own sharded files here through ``engine.save_checkpoint(path)``
+                                -- the lines above: single engine, and DDP (written by rank 0). Sharded engines
+                                write their own files through ``engine.save_checkpoint(path)``:
+    fsdp/                       FSDP2: torch.distributed.checkpoint shards (``*.distcp``, ``.metadata``) of the
+                                trainable weights and optimizer; + scheduler.pt
+    deepspeed/state/            DeepSpeed: its ``save_checkpoint`` files (ZeRO partitions per rank); + scheduler.pt
     rng-rank{r}.pt              rank r's python / numpy / torch / cuda RNG states
     trainer_state.json          step, epoch, data position (next micro-batch index in that epoch's plan), ...
     train_config.json           the resolved configuration of the run that wrote it

@@ -10,6 +10,8 @@ single-process one.
 from __future__ import annotations
 
 import contextlib
+import math
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -63,3 +65,57 @@ def autocast_context(device: torch.device, dtype: str):
         return contextlib.nullcontext()
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=torch_dtype)
+
+
+def clip_and_step(params, optimizer, scheduler, max_grad_norm: float, skip: bool, scaler=None) -> float:
+    """The shared end of an optimizer step for the PyTorch engines (single, DDP, FSDP2).
+
+    Unscale (fp16 ``scaler``), clip ``params``' gradients to ``max_grad_norm`` (0 = no clipping) and return the
+    pre-clip global norm. Only when ``skip`` is False and the norm is finite are the optimizer and the scheduler
+    stepped; gradients are zeroed either way. The caller makes the inputs agree across ranks (DDP: all-reduced
+    gradients; FSDP2: DTensor shards, whose norm ``clip_grad_norm_`` reduces over ranks), so every rank takes
+    the same decision.
+    """
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    params = [p for p in params if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor under FSDP2
+    if not skip and math.isfinite(norm):
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+def save_local_state(path, model: torch.nn.Module, optimizer, scheduler, scaler=None) -> None:
+    """Checkpoint files of an engine whose process holds the whole model and optimizer (single, DDP rank 0):
+    trainable weights as safetensors, optimizer / scheduler / fp16 scaler states as weights-only torch files."""
+    from easysft import checkpoint
+
+    path = Path(path)
+    checkpoint.save_tensors(checkpoint.trainable_state(model), path)
+    checkpoint.save_torch_state(optimizer.state_dict(), path / "optimizer.pt")
+    checkpoint.save_torch_state(scheduler.state_dict(), path / "scheduler.pt")
+    if scaler is not None:
+        checkpoint.save_torch_state(scaler.state_dict(), path / "scaler.pt")
+
+
+def load_local_state(path, model: torch.nn.Module, optimizer, scheduler, scaler=None) -> None:
+    """Restore what :func:`save_local_state` wrote; a file that does not fit is a CheckpointError naming it."""
+    from easysft import checkpoint
+    from easysft.errors import CheckpointError
+
+    path = Path(path)
+    checkpoint.load_trainable(model, path)
+    for name, target in (("optimizer.pt", optimizer), ("scheduler.pt", scheduler), ("scaler.pt", scaler)):
+        if target is None:
+            continue
+        try:
+            target.load_state_dict(checkpoint.load_torch_state(path / name))
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise CheckpointError(f"checkpoint file {path / name} does not fit this run: {exc}") from None

@@ -12,10 +12,10 @@ single-process gradient exactly (up to summation order). Non-final micro-batches
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 
+from easysft.engines.base import clip_and_step, load_local_state, save_local_state
 from easysft.engines.process_group import start_process_group
 from easysft.train.optim import build_optimizer, build_scheduler
 
@@ -70,19 +70,8 @@ class DDPEngine:
 
     def grad_norm_and_step(self, max_grad_norm: float, *, skip: bool = False) -> float:
         # After the all-reduce every rank holds identical gradients, so the norm (and the skip decision) agree.
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf")))
-        if not skip and math.isfinite(norm):
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        return clip_and_step(self.model.parameters(), self.optimizer, self.scheduler, max_grad_norm, skip,
+                             self.scaler)
 
     def current_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
@@ -94,3 +83,12 @@ class DDPEngine:
     def full_state_dict(self):
         """Rank 0: the replicated weights (no gather needed); other ranks: None."""
         return self.unwrapped_model().state_dict() if self.dist.is_main else None
+
+    def save_checkpoint(self, path) -> None:
+        """Rank 0 writes the single engine's files (every rank holds the same replica; one writer per file)."""
+        if self.dist.is_main:
+            save_local_state(path, self.unwrapped_model(), self.optimizer, self.scheduler, self.scaler)
+
+    def load_checkpoint(self, path) -> None:
+        """Every rank reads the same files, so the replicas stay identical."""
+        load_local_state(path, self.unwrapped_model(), self.optimizer, self.scheduler, self.scaler)

@@ -13,6 +13,8 @@ Who does what:
   or ``scheduler`` section keeps its own.
 - easysft steps the LR scheduler once per APPLIED optimizer step (not DeepSpeed), so a skipped step does not
   advance the schedule.
+- Checkpoints (``--save_steps``/``--resume``) are DeepSpeed's own ``save_checkpoint``/``load_checkpoint`` (every
+  rank writes its ZeRO partition) plus easysft's scheduler state; see :meth:`DeepSpeedEngine.load_checkpoint`.
 - DeepSpeed owns backward, accumulation boundaries, gradient reduction, clipping (``gradient_clipping`` =
   ``--max_grad_norm``) and the update: ``engine.backward`` + ``engine.step`` after EVERY micro-batch; the update
   happens at the accumulation boundary.
@@ -38,12 +40,13 @@ import copy
 import json
 import math
 import os
+from pathlib import Path
 
 import torch
 
 from easysft.distributed import print0
 from easysft.engines.process_group import start_process_group
-from easysft.errors import ConfigError
+from easysft.errors import CheckpointError, ConfigError
 from easysft.train.optim import build_optimizer, build_scheduler, param_groups
 
 # Quiet by default: DeepSpeed prints a progress line every `steps_per_print` steps; easysft logs its own.
@@ -260,3 +263,52 @@ class DeepSpeedEngine:
             state = self.model._zero3_consolidated_16bit_state_dict()
             return state if self.dist.is_main else None
         return self.model.module.state_dict() if self.dist.is_main else None
+
+    # ---- checkpoints: DeepSpeed's own (per-rank ZeRO partitions), plus easysft's LR scheduler ------------------
+
+    def save_checkpoint(self, path) -> None:
+        """``path/deepspeed/state/``: ``engine.save_checkpoint`` (model states on rank 0, every rank's ZeRO
+        optimizer partition); ``path/scheduler.pt`` (rank 0) for easysft's scheduler, which DeepSpeed does not
+        know about. A collective: every rank calls it."""
+        from easysft import checkpoint
+
+        self.model.save_checkpoint(str(Path(path) / DS_DIR), tag=DS_TAG, save_latest=False)
+        if self.scheduler is not None and self.dist.is_main:
+            checkpoint.save_torch_state(self.scheduler.state_dict(), Path(path) / "scheduler.pt")
+
+    def load_checkpoint(self, path) -> None:
+        """``engine.load_checkpoint`` with the optimizer states; the LR scheduler from DeepSpeed only when the
+        user's JSON has one (DeepSpeed steps it), else easysft's from ``scheduler.pt``.
+
+        Security: DeepSpeed unpickles its files without the weights-only restriction (they hold pickled Python
+        objects such as its loss scaler) and offers no option to change that: the one place easysft loads a full
+        pickle. Resume only from checkpoints you trust (README, "Security defaults")."""
+        from easysft import checkpoint
+
+        folder = Path(path) / DS_DIR
+        if not (folder / DS_TAG).is_dir():
+            raise CheckpointError(f"checkpoint {path} has no DeepSpeed state ({folder / DS_TAG}); was it written by "
+                                  "another engine? Resume with the engine that wrote it.")
+        try:
+            loaded, _ = self.model.load_checkpoint(
+                str(folder), tag=DS_TAG, load_optimizer_states=True,
+                load_lr_scheduler_states=self.scheduler is None,
+            )
+        except Exception as exc:  # noqa: BLE001 -- DeepSpeed raises assorted types for missing/damaged files
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise CheckpointError(f"checkpoint {folder} cannot be loaded by DeepSpeed: {first[:300]}") from None
+        if loaded is None:
+            raise CheckpointError(f"checkpoint {folder}: DeepSpeed found no state to load.")
+        if self.scheduler is not None:
+            file = Path(path) / "scheduler.pt"
+            try:
+                self.scheduler.load_state_dict(checkpoint.load_torch_state(file))
+            except (ValueError, KeyError, RuntimeError) as exc:
+                raise CheckpointError(f"checkpoint file {file} does not fit this run: {exc}") from None
+            # The LR the next update uses must be the schedule's, whatever DeepSpeed restored into the groups.
+            for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
+                group["lr"] = lr
+
+
+DS_DIR = "deepspeed"
+DS_TAG = "state"

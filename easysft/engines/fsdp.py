@@ -12,16 +12,23 @@ Gradient math: FSDP AVERAGES gradients over ranks (reduce-scatter), so ``grad_sc
 
 Saving: :meth:`full_state_dict` is a collective (every rank gathers its shards) and hands rank 0 the full weights
 on CPU; the loop passes them to ``save_pretrained``.
+
+Checkpoints (``--save_steps``/``--resume``): torch.distributed.checkpoint (DCP), sharded: every rank writes and
+reads its own part of the trainable weights and the optimizer state under ``step-N/fsdp/``; rank 0 adds the LR
+scheduler. DCP's ``.metadata`` file is a pickle: it is read with a restricted unpickler (only DCP's metadata
+classes and torch's plain types), so loading a checkpoint cannot run code, as ``torch.load(weights_only=True)``
+guarantees for the other engines' files.
 """
 
 from __future__ import annotations
 
-import math
+from pathlib import Path
 
 import torch
 
+from easysft.engines.base import clip_and_step
 from easysft.engines.process_group import start_process_group
-from easysft.errors import ConfigError
+from easysft.errors import CheckpointError, ConfigError
 from easysft.train.optim import build_optimizer, build_scheduler
 
 
@@ -91,14 +98,7 @@ class FSDPEngine:
     def grad_norm_and_step(self, max_grad_norm: float, *, skip: bool = False) -> float:
         # Gradients are DTensor shards: clip_grad_norm_ reduces the norm over ranks, so every rank gets the same
         # value and takes the same skip decision.
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
-        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        if not skip and math.isfinite(norm):
-            self.optimizer.step()
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        return clip_and_step(self.model.parameters(), self.optimizer, self.scheduler, max_grad_norm, skip)
 
     def current_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
@@ -122,3 +122,121 @@ class FSDPEngine:
             else:
                 first_name[id(param)] = name
         return state
+
+    # ---- checkpoints: torch.distributed.checkpoint (DCP), sharded, every rank writes and reads its own part ----
+
+    def _sharded_state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(self.model, self.optimizer, options=_dcp_options())
+        return {"model": model_state, "optimizer": optim_state}
+
+    def save_checkpoint(self, path) -> None:
+        """``path/fsdp/``: DCP files (``*.distcp`` per rank + ``.metadata``) of the sharded trainable weights and
+        optimizer state; ``path/scheduler.pt`` (rank 0). A collective: every rank calls it."""
+        import torch.distributed.checkpoint as dcp
+
+        from easysft import checkpoint
+
+        dcp.save(self._sharded_state(), checkpoint_id=Path(path) / DCP_DIR)
+        if self.dist.is_main:
+            checkpoint.save_torch_state(self.scheduler.state_dict(), Path(path) / "scheduler.pt")
+
+    def load_checkpoint(self, path) -> None:
+        """Read every rank's shards back (the world size may differ: DCP reshards), then the scheduler."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        from easysft import checkpoint
+
+        folder = Path(path) / DCP_DIR
+        if not (folder / ".metadata").is_file():
+            raise CheckpointError(f"checkpoint {path} has no FSDP state ({folder}/.metadata); was it written by "
+                                  "another engine? Resume with the engine that wrote it.")
+        state = self._sharded_state()
+        try:
+            dcp.load(state, storage_reader=SafeFileSystemReader(folder))
+        except (Exception, CheckpointException) as exc:  # noqa: BLE001 -- CheckpointException is a BaseException
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise CheckpointError(f"checkpoint {folder} cannot be loaded into this model: {first[:300]}") from None
+        # strict=False: the keys are exactly those get_state_dict produced (frozen weights left out on purpose,
+        # they come back from --model_name_or_path); dcp.load already failed if the checkpoint lacked one.
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(ignore_frozen_params=True, strict=False))
+        try:
+            self.scheduler.load_state_dict(checkpoint.load_torch_state(Path(path) / "scheduler.pt"))
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise CheckpointError(f"checkpoint file {Path(path) / 'scheduler.pt'} does not fit this run: {exc}") from None
+
+
+DCP_DIR = "fsdp"
+
+
+def _dcp_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # Trainable state only (the LoRA adapter under LoRA): frozen weights are not part of a resume.
+    return StateDictOptions(ignore_frozen_params=True)
+
+
+def _safe_unpickler(file):
+    """An unpickler for DCP's ``.metadata`` that builds only DCP's own metadata classes and torch's plain types.
+
+    DCP reads ``.metadata`` with a bare ``pickle.load``, which can run arbitrary code from a crafted checkpoint;
+    easysft's rule is that loading a checkpoint never runs code (``weights_only=True`` everywhere). The tensor
+    payload (``*.distcp``) is raw storage bytes, and DCP reads non-tensor entries with weights-only ``torch.load``,
+    so the metadata is the one pickle that needs guarding.
+    """
+    import builtins
+    import collections
+    import copyreg
+    import pickle
+
+    allowed_torch = {"Size", "dtype", "device", "layout", "memory_format", "_utils"}
+
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            if module.startswith("torch.distributed.checkpoint"):
+                return super().find_class(module, name)
+            if module == "torch" and (name in allowed_torch or isinstance(getattr(torch, name, None),
+                                                                            (torch.dtype, torch.layout,
+                                                                             torch.memory_format))):
+                return getattr(torch, name)
+            if module == "torch.serialization" and name == "_get_layout":  # layout by name, e.g. "torch.strided"
+                return super().find_class(module, name)
+            if module == "collections" and name in ("OrderedDict", "defaultdict"):
+                return getattr(collections, name)
+            if module == "copyreg" and name in ("__newobj__", "_reconstructor"):
+                return getattr(copyreg, name)
+            if module == "builtins" and name in ("object", "set", "frozenset", "tuple", "list", "dict", "slice"):
+                return getattr(builtins, name)
+            if module == "pathlib" and name in ("Path", "PosixPath", "WindowsPath", "PurePosixPath"):
+                return super().find_class(module, name)
+            raise pickle.UnpicklingError(f"refused to load {module}.{name} from a checkpoint's DCP metadata")
+
+    return Restricted(file)
+
+
+def _make_safe_reader():
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class _SafeFileSystemReader(FileSystemReader):
+        """FileSystemReader whose ``read_metadata`` uses :func:`_safe_unpickler` instead of ``pickle.load``."""
+
+        def read_metadata(self, *args, **kwargs):
+            path = self._get_metadata_path(kwargs.get("rank"))
+            with self.fs.create_stream(path, "rb") as handle:
+                metadata = _safe_unpickler(handle).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return _SafeFileSystemReader
+
+
+def SafeFileSystemReader(path):  # noqa: N802 -- a factory standing in for the class (imported lazily)
+    return _make_safe_reader()(path)

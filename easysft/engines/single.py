@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import math
-from pathlib import Path
 
 import torch
 
+from easysft.engines.base import clip_and_step, load_local_state, save_local_state
 from easysft.train.optim import build_optimizer, build_scheduler
 
 
@@ -49,20 +48,8 @@ class SingleEngine:
             loss.backward()
 
     def grad_norm_and_step(self, max_grad_norm: float, *, skip: bool = False) -> float:
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
-        norm = float(norm)
-        if not skip and math.isfinite(norm):
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        return clip_and_step(self.model.parameters(), self.optimizer, self.scheduler, max_grad_norm, skip,
+                             self.scaler)
 
     def current_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
@@ -76,26 +63,7 @@ class SingleEngine:
 
     def save_checkpoint(self, path) -> None:
         """Trainable weights (safetensors), optimizer, scheduler and fp16 scaler states into ``path``."""
-        from easysft import checkpoint
-
-        path = Path(path)
-        checkpoint.save_tensors(checkpoint.trainable_state(self.unwrapped_model()), path)
-        checkpoint.save_torch_state(self.optimizer.state_dict(), path / "optimizer.pt")
-        checkpoint.save_torch_state(self.scheduler.state_dict(), path / "scheduler.pt")
-        if self.scaler is not None:
-            checkpoint.save_torch_state(self.scaler.state_dict(), path / "scaler.pt")
+        save_local_state(path, self.unwrapped_model(), self.optimizer, self.scheduler, self.scaler)
 
     def load_checkpoint(self, path) -> None:
-        from easysft import checkpoint
-        from easysft.errors import CheckpointError
-
-        path = Path(path)
-        checkpoint.load_trainable(self.unwrapped_model(), path)
-        for name, target in (("optimizer.pt", self.optimizer), ("scheduler.pt", self.scheduler),
-                             ("scaler.pt", self.scaler)):
-            if target is None:
-                continue
-            try:
-                target.load_state_dict(checkpoint.load_torch_state(path / name))
-            except (ValueError, KeyError, RuntimeError) as exc:
-                raise CheckpointError(f"checkpoint file {path / name} does not fit this run: {exc}") from None
+        load_local_state(path, self.unwrapped_model(), self.optimizer, self.scheduler, self.scaler)

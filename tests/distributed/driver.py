@@ -4,7 +4,9 @@
     deepspeed --num_gpus 2 tests/distributed/driver.py runs.json
     python tests/distributed/driver.py runs.json            (no launcher: single process)
 
-``runs.json`` is a list of argument lists for ``easysft train``. Starting 2 Python processes with torch,
+``runs.json`` is a list of argument lists for ``easysft train``; an entry may instead be
+``{"argv": [...], "env": {"NAME": "value"}, "expect": 75}``: environment variables set for that run only (e.g. a
+testing hook) and the exit code it must end with (default 0). Starting 2 Python processes with torch,
 transformers and DeepSpeed costs far more than a 10-step run of a tiny model on 2 cores, so the parity tests
 start each launcher once and train every configuration in it, through the same ``easysft.cli.main`` a user's
 command line reaches (the process group is created by the first run and reused by the next ones).
@@ -13,6 +15,7 @@ command line reaches (the process group is created by the first run and reused b
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 
@@ -23,10 +26,22 @@ def main() -> int:
         runs = json.load(handle)
     from easysft.cli import main as easysft_main
 
-    for argv in runs:
-        code = easysft_main(["train", *argv])
-        if code:
-            return code
+    for run in runs:
+        spec = run if isinstance(run, dict) else {"argv": run}
+        env = spec.get("env", {})
+        saved = {name: os.environ.get(name) for name in env}
+        os.environ.update(env)
+        try:
+            code = easysft_main(["train", *spec["argv"]])
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+        if code != spec.get("expect", 0):
+            print(f"driver: run {spec['argv']} exited {code}, expected {spec.get('expect', 0)}", file=sys.stderr)
+            return code or 1
     return 0
 
 

@@ -219,6 +219,35 @@ def test_every_torch_load_in_the_package_is_weights_only():
     assert all("weights_only=True" in args for _, args in calls), calls
 
 
+def test_fsdp_dcp_metadata_is_read_without_running_code(tmp_path):
+    """DCP's .metadata is a pickle: easysft's reader builds DCP's metadata classes and refuses anything else."""
+    import io
+    import pickle
+
+    from torch.distributed.checkpoint.metadata import (
+        ChunkStorageMetadata,
+        Metadata,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
+
+    from easysft.engines.fsdp import _safe_unpickler
+
+    chunk = ChunkStorageMetadata(offsets=torch.Size([0, 0]), sizes=torch.Size([2, 3]))
+    meta = Metadata(state_dict_metadata={"w": TensorStorageMetadata(TensorProperties(dtype=torch.bfloat16),
+                                                                    torch.Size([2, 3]), [chunk])})
+    loaded = _safe_unpickler(io.BytesIO(pickle.dumps(meta))).load()
+    assert loaded.state_dict_metadata["w"].properties.dtype == torch.bfloat16
+    assert loaded.state_dict_metadata["w"].size == torch.Size([2, 3])
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    with pytest.raises(pickle.UnpicklingError, match="refused"):
+        _safe_unpickler(io.BytesIO(pickle.dumps(Evil()))).load()
+
+
 def test_a_checkpoint_holds_only_safetensors_json_and_weights_only_files(tokenizer, tmp_path):
     path = save(tmp_path, make_engine(tokenizer), 1)
     for file in path.iterdir():
