@@ -156,7 +156,7 @@ def save(output_dir: str | Path, engine, state: TrainerState, run_config: dict, 
          save_total_limit: int | None = None) -> Path | None:
     """Write ``step-{state.step}`` atomically; a collective: EVERY rank calls it. Returns the folder (None when
     the engine cannot checkpoint). A step that already has a complete checkpoint is not written twice."""
-    from easysft.signals import testing_hooks
+    from easysft.train.faults import testing_hooks
 
     if not engine_can_checkpoint(engine):
         print0(f"the {engine.name!r} engine cannot write checkpoints; nothing saved at step {state.step}")

@@ -1,4 +1,4 @@
-"""Preemption (SIGTERM / SIGINT -> finish the step, checkpoint, exit) and the testing hooks for faults.
+"""Preemption (SIGTERM / SIGINT -> finish the step, checkpoint, exit); testing hooks live in train/faults.py.
 
 Contract of :class:`StopSignals`:
 - the FIRST SIGTERM or SIGINT only sets a flag; the loop checks it after each optimizer step, writes a complete
@@ -8,11 +8,8 @@ Contract of :class:`StopSignals`:
 - in a distributed run the flag is max-reduced over ranks every step, so all ranks stop at the same step even
   when the signal reached only one of them (a rank stopping alone would hang the others in a collective).
 
-Testing hooks (environment variables, read ONLY in :func:`testing_hooks`):
-- ``EASYSFT_STOP_AFTER_STEP=N``: behave as if SIGTERM arrived during step N (checkpoint, exit code 75). Tests
-  stop a run this way without a smaller --max_steps, which would change the LR schedule.
-- ``EASYSFT_INJECT_NAN_AT_STEP=3,5-7``: multiply those steps' loss by NaN (the non-finite guard's test).
-- ``EASYSFT_PAUSE_BEFORE_COMPLETE=N``: hold the save of step N open before its COMPLETE marker (kill-mid-save).
+The stop hook ``EASYSFT_STOP_AFTER_STEP=N`` (behave as if SIGTERM arrived during step N) is read, with every other
+testing hook, in easysft/train/faults.py :func:`~easysft.train.faults.testing_hooks`.
 """
 
 from __future__ import annotations
@@ -21,9 +18,9 @@ import os
 import signal
 import threading
 import weakref
-from dataclasses import dataclass
 
 from easysft.errors import EasySFTError
+from easysft.train.faults import TestingHooks, testing_hooks
 
 # EX_TEMPFAIL from sysexits.h: "temporary failure, the user is invited to retry" -- i.e. rerun with --resume.
 # Distinct from 128+15 (killed by SIGTERM without saving) so job scripts can tell "saved, resume me" apart.
@@ -34,33 +31,6 @@ class Preempted(EasySFTError):
     """Stopped by a signal (or the stop hook) after writing a complete checkpoint; rerun with --resume."""
 
     exit_code = PREEMPTED_EXIT_CODE
-
-
-@dataclass(frozen=True)
-class TestingHooks:
-    stop_after_step: int | None = None
-    nan_steps: frozenset[int] = frozenset()
-    pause_before_complete: int | None = None
-
-
-def _parse_steps(text: str) -> frozenset[int]:
-    steps: set[int] = set()
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        low, _, high = part.partition("-")
-        steps.update(range(int(low), int(high or low) + 1))
-    return frozenset(steps)
-
-
-def testing_hooks() -> TestingHooks:
-    """The one place the testing environment variables are read (unset in normal use: every hook off)."""
-    env = os.environ
-    stop = env.get("EASYSFT_STOP_AFTER_STEP")
-    pause = env.get("EASYSFT_PAUSE_BEFORE_COMPLETE")
-    return TestingHooks(
-        stop_after_step=int(stop) if stop else None,
-        nan_steps=_parse_steps(env.get("EASYSFT_INJECT_NAN_AT_STEP", "")),
-        pause_before_complete=int(pause) if pause else None,
-    )
 
 
 class StopSignals:

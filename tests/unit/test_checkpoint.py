@@ -18,6 +18,7 @@ from easysft.config import TrainConfig
 from easysft.distributed import DistInfo
 from easysft.engines.single import SingleEngine
 from easysft.errors import CheckpointError, NotAvailableYet
+from easysft.train import faults
 from tests.conftest import make_tiny_model
 
 DIST = DistInfo()
@@ -174,16 +175,24 @@ def test_engine_without_checkpoint_methods_is_refused_for_save_steps():
 
 
 def test_testing_hooks_parse(monkeypatch):
-    assert easysft_signals._parse_steps("3,5-7") == {3, 5, 6, 7}
+    assert faults._parse_steps("3,5-7") == {3, 5, 6, 7}
+    for name in ("EASYSFT_INJECT_NAN_AT_STEP", "EASYSFT_PAUSE_BEFORE_COMPLETE", "EASYSFT_FAIL_AT_STEP",
+                 "EASYSFT_FAIL_RANK"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("EASYSFT_STOP_AFTER_STEP", "4")
-    monkeypatch.delenv("EASYSFT_INJECT_NAN_AT_STEP", raising=False)
-    hooks = easysft_signals.testing_hooks()
-    assert hooks.stop_after_step == 4 and hooks.nan_steps == frozenset() and hooks.pause_before_complete is None
+    hooks = faults.testing_hooks()
+    assert hooks == faults.TestingHooks(stop_after_step=4)  # everything else off
+    faults.maybe_fail(4, 0)  # no-op without EASYSFT_FAIL_AT_STEP
+    monkeypatch.setenv("EASYSFT_FAIL_AT_STEP", "2")
+    monkeypatch.setenv("EASYSFT_FAIL_RANK", "1")
+    faults.maybe_fail(2, 0)  # another rank
+    with pytest.raises(faults.InjectedFailure, match="injected failure at step 2"):
+        faults.maybe_fail(2, 1)
 
 
 def test_first_signal_only_requests_a_stop_and_handlers_are_restored():
     before = signal.getsignal(signal.SIGTERM)
-    stopper = easysft_signals.StopSignals(easysft_signals.testing_hooks())
+    stopper = easysft_signals.StopSignals(faults.testing_hooks())
     assert stopper.should_stop(1) is None
     os.kill(os.getpid(), signal.SIGTERM)  # handled in Python: sets the flag, does not kill the test process
     assert stopper.should_stop(2) == "SIGTERM"
