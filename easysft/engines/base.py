@@ -67,6 +67,24 @@ def autocast_context(device: torch.device, dtype: str):
     return torch.autocast(device_type=device.type, dtype=torch_dtype)
 
 
+def build_training_state(model: torch.nn.Module, train_cfg, num_training_steps: int, device: torch.device):
+    """(optimizer, LR scheduler, fp16 GradScaler or None) for the PyTorch engines (single, DDP, FSDP2): easysft's
+    AdamW parameter groups and the ``--lr_scheduler_type`` schedule; the scaler only for fp16 on CUDA."""
+    from easysft.train.optim import build_optimizer, build_scheduler
+
+    optimizer = build_optimizer(model, learning_rate=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay,
+                                device_type=device.type)
+    scheduler = build_scheduler(optimizer, name=train_cfg.lr_scheduler_type,
+                                num_warmup_steps=train_cfg.num_warmup_steps, num_training_steps=num_training_steps)
+    scaler = torch.amp.GradScaler("cuda") if train_cfg.dtype == "fp16" and device.type == "cuda" else None
+    return optimizer, scheduler, scaler
+
+
+def scaled_backward(loss: torch.Tensor, scaler=None) -> None:
+    """``loss.backward()``, through the fp16 GradScaler when there is one."""
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
 def clip_and_step(params, optimizer, scheduler, max_grad_norm: float, skip: bool, scaler=None) -> float:
     """The shared end of an optimizer step for the PyTorch engines (single, DDP, FSDP2).
 

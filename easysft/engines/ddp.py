@@ -15,23 +15,22 @@ import contextlib
 
 import torch
 
-from easysft.engines.base import clip_and_step, load_local_state, save_local_state
+from easysft.engines.base import build_training_state, save_local_state
 from easysft.engines.process_group import start_process_group
-from easysft.train.optim import build_optimizer, build_scheduler
+from easysft.engines.single import SingleEngine
 
 
-class DDPEngine:
+class DDPEngine(SingleEngine):
+    """The single engine around a DDP wrapper. Inherited: backward, clip/step, LR and checkpoint loading, which
+    every rank runs on its own replica: after the all-reduce every rank holds identical gradients, so the norm (and
+    the skip decision) agree. Different: set-up, gradient scale, no_sync, unwrapping, and who writes files."""
+
     name = "ddp"
     gathers_state_dict = False  # every rank holds full weights: rank 0 saves its own model
 
     def __init__(self, dist_info) -> None:
-        self.dist = dist_info
-        self.device = dist_info.device
+        super().__init__(dist_info)
         start_process_group(dist_info)
-        self.model: torch.nn.Module | None = None
-        self.optimizer = None
-        self.scheduler = None
-        self.scaler = None
 
     def setup(self, model: torch.nn.Module, *, train_cfg, num_training_steps: int) -> None:
         from torch.nn.parallel import DistributedDataParallel
@@ -43,16 +42,8 @@ class DDPEngine:
             model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
             broadcast_buffers=False,
         )
-        self.optimizer = build_optimizer(
-            model, learning_rate=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay,
-            device_type=self.device.type,
-        )
-        self.scheduler = build_scheduler(
-            self.optimizer, name=train_cfg.lr_scheduler_type, num_warmup_steps=train_cfg.num_warmup_steps,
-            num_training_steps=num_training_steps,
-        )
-        if train_cfg.dtype == "fp16" and self.device.type == "cuda":
-            self.scaler = torch.amp.GradScaler("cuda")
+        self.optimizer, self.scheduler, self.scaler = build_training_state(
+            model, train_cfg, num_training_steps, self.device)
 
     @property
     def grad_scale(self) -> float:
@@ -61,20 +52,6 @@ class DDPEngine:
     def accumulate(self, is_last_micro_batch: bool):
         # DDP decides in forward whether the next backward all-reduces, so covering the forward is enough.
         return contextlib.nullcontext() if is_last_micro_batch else self.model.no_sync()
-
-    def backward(self, loss: torch.Tensor) -> None:
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-        else:
-            loss.backward()
-
-    def grad_norm_and_step(self, max_grad_norm: float, *, skip: bool = False) -> float:
-        # After the all-reduce every rank holds identical gradients, so the norm (and the skip decision) agree.
-        return clip_and_step(self.model.parameters(), self.optimizer, self.scheduler, max_grad_norm, skip,
-                             self.scaler)
-
-    def current_lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
 
     def unwrapped_model(self) -> torch.nn.Module:
         model = self.model.module
@@ -88,7 +65,3 @@ class DDPEngine:
         """Rank 0 writes the single engine's files (every rank holds the same replica; one writer per file)."""
         if self.dist.is_main:
             save_local_state(path, self.unwrapped_model(), self.optimizer, self.scheduler, self.scaler)
-
-    def load_checkpoint(self, path) -> None:
-        """Every rank reads the same files, so the replicas stay identical."""
-        load_local_state(path, self.unwrapped_model(), self.optimizer, self.scheduler, self.scaler)

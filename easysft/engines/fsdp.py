@@ -26,10 +26,9 @@ from pathlib import Path
 
 import torch
 
-from easysft.engines.base import clip_and_step
+from easysft.engines.base import build_training_state, clip_and_step
 from easysft.engines.process_group import start_process_group
 from easysft.errors import CheckpointError, ConfigError
-from easysft.train.optim import build_optimizer, build_scheduler
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -74,14 +73,8 @@ class FSDPEngine:
             fully_shard(layer, **kwargs)
         fully_shard(model, **kwargs)  # the root: embeddings, final norm and (tied) LM head
         self.model = model
-        self.optimizer = build_optimizer(
-            model, learning_rate=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay,
-            device_type=self.device.type,
-        )
-        self.scheduler = build_scheduler(
-            self.optimizer, name=train_cfg.lr_scheduler_type, num_warmup_steps=train_cfg.num_warmup_steps,
-            num_training_steps=num_training_steps,
-        )
+        # fp16 is refused above, so no GradScaler (the third value) is ever built here.
+        self.optimizer, self.scheduler, _ = build_training_state(model, train_cfg, num_training_steps, self.device)
 
     @property
     def grad_scale(self) -> float:

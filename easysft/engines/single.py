@@ -6,8 +6,13 @@ import contextlib
 
 import torch
 
-from easysft.engines.base import clip_and_step, load_local_state, save_local_state
-from easysft.train.optim import build_optimizer, build_scheduler
+from easysft.engines.base import (
+    build_training_state,
+    clip_and_step,
+    load_local_state,
+    save_local_state,
+    scaled_backward,
+)
 
 
 class SingleEngine:
@@ -23,16 +28,8 @@ class SingleEngine:
 
     def setup(self, model: torch.nn.Module, *, train_cfg, num_training_steps: int) -> None:
         self.model = model.to(self.device)
-        self.optimizer = build_optimizer(
-            self.model, learning_rate=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay,
-            device_type=self.device.type,
-        )
-        self.scheduler = build_scheduler(
-            self.optimizer, name=train_cfg.lr_scheduler_type, num_warmup_steps=train_cfg.num_warmup_steps,
-            num_training_steps=num_training_steps,
-        )
-        if train_cfg.dtype == "fp16" and self.device.type == "cuda":
-            self.scaler = torch.amp.GradScaler("cuda")
+        self.optimizer, self.scheduler, self.scaler = build_training_state(
+            self.model, train_cfg, num_training_steps, self.device)
 
     @property
     def grad_scale(self) -> float:
@@ -42,10 +39,7 @@ class SingleEngine:
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-        else:
-            loss.backward()
+        scaled_backward(loss, self.scaler)
 
     def grad_norm_and_step(self, max_grad_norm: float, *, skip: bool = False) -> float:
         return clip_and_step(self.model.parameters(), self.optimizer, self.scheduler, max_grad_norm, skip,
