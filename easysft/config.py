@@ -236,6 +236,10 @@ class TrainConfig:
                 raise ConfigError(f"--{name} must be at least 1, got {value}.")
         if self.max_grad_norm < 0:
             raise ConfigError(f"--max_grad_norm must be non-negative, got {self.max_grad_norm}.")
+        if self.packing and self.group_by_length:
+            raise ConfigError(
+                "--group_by_length does nothing with --packing (packed rows are filled best-fit by length); drop one."
+            )
         if self.max_nonfinite_steps < 1:
             raise ConfigError(f"--max_nonfinite_steps must be at least 1, got {self.max_nonfinite_steps}.")
 

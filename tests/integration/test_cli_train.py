@@ -120,3 +120,9 @@ def test_train_the_real_bundled_model_end_to_end(qa_data_dir, tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(Path(out))
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
+
+
+def test_packing_with_group_by_length_is_refused(qa_data_dir, tmp_path, capsys):
+    assert main(["train", "--data_path", qa_data_dir, "--output_dir", str(tmp_path / "o"), "--packing",
+                 "--group_by_length"]) == 2
+    assert "--group_by_length does nothing with --packing" in capsys.readouterr().err
