@@ -201,7 +201,8 @@ def _sync_and_sizes(path: Path) -> dict[str, int]:
     sizes = {}
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         name = file.relative_to(path).as_posix()
-        if name == COMPLETE or file.name.startswith("."):
+        # Skip only our own atomic-write temporaries (".name.tmp"): DCP's ".metadata" is part of the checkpoint.
+        if name == COMPLETE or (file.name.startswith(".") and file.name.endswith(".tmp")):
             continue
         fd = os.open(file, os.O_RDONLY)
         try:
