@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_steps", type=int, default=150)
     parser.add_argument("--learning_rate", type=float, default=2e-4)
     parser.add_argument("--num_eval", type=int, default=50)
+    parser.add_argument("--row_tokens", type=int, default=384, help="tokens per packed row (one row per step)")
     args = parser.parse_args(argv)
 
     from easysft.config import DataConfig, ModelConfig, TrainConfig
@@ -107,8 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     train(
         ModelConfig(model_name_or_path="bundled"),
         DataConfig(data_path=[str(data_dir)], max_prompt_len=64, max_ans_len=32),
+        # Packed rows of ~16 samples (~22 tokens each): no padding, the LM head only on answer tokens.
         TrainConfig(output_dir=str(out / "model"), overwrite_output_dir=True, per_device_train_batch_size=8,
-                    max_steps=args.max_steps, learning_rate=args.learning_rate, lr_scheduler_type="cosine",
+                    packing=True, packing_max_tokens=args.row_tokens, max_steps=args.max_steps, learning_rate=args.learning_rate, lr_scheduler_type="cosine",
                     num_warmup_steps=max(1, args.max_steps // 20), eval_steps=max(1, args.max_steps // 3),
                     seed=1234, tensorboard=False),
     )
