@@ -4,7 +4,7 @@ Steps: generate a deterministic word-reversal dataset (train rows and held-out e
 appear in training), measure the base model (eval perplexity, greedy exact match on held-out prompts), fine-tune
 with ``easysft.train``, measure again, and print three sample generations. Everything runs offline.
 
-    python -m easysft.demo [--max_steps 150] [--output_dir demo-output] [--num_eval 50]
+    python -m easysft.demo [--max_steps 84] [--output_dir demo-output] [--num_eval 50]
 """
 
 from __future__ import annotations
@@ -83,8 +83,8 @@ def perplexity(model_path: str, data_dir: Path) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m easysft.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", default="demo-output")
-    parser.add_argument("--max_steps", type=int, default=150)
-    parser.add_argument("--learning_rate", type=float, default=2e-4)
+    parser.add_argument("--max_steps", type=int, default=84)
+    parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--num_eval", type=int, default=50)
     parser.add_argument("--row_tokens", type=int, default=384, help="tokens per packed row (one row per step)")
     args = parser.parse_args(argv)
