@@ -180,7 +180,8 @@ class TrainConfig:
     )
     packing_max_tokens: int | None = field(
         default=None,
-        metadata=_help("Token budget of one packed row (default: batch size x (max_prompt_len + max_ans_len))."),
+        metadata=_help("With --packing: best-fit rows of at most this many tokens. Default: each row packs exactly the "
+                       "per_device_train_batch_size samples of an unpacked micro-batch (same steps, no padding)."),
     )
     group_by_length: bool = field(
         default=False, metadata=_help("Batch samples of similar length together (seeded) to cut padding.")

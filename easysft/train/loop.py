@@ -98,12 +98,14 @@ def train(
     # ---- schedule ------------------------------------------------------------------------------------------------
     mbs, gas = train_cfg.per_device_train_batch_size, train_cfg.gradient_accumulation_steps
     lengths = [len(s["input_ids"]) for s in data.train] if train_cfg.group_by_length else None
-    # --packing: each micro-batch is ONE padding-free row of at most `pack_tokens` tokens (best-fit bins).
-    pack_tokens = train_cfg.packing_max_tokens or mbs * (data_cfg.max_prompt_len + data_cfg.max_ans_len)
+    # --packing: each micro-batch is ONE padding-free row. Without --packing_max_tokens the row holds exactly the
+    # samples an unpacked micro-batch would (same steps, same sample weighting, no padding); with a token budget
+    # the rows are best-fit bins, which pack tighter but group samples by length.
+    pack_tokens = train_cfg.packing_max_tokens
     sample_lengths = [len(s["input_ids"]) for s in data.train]
 
     def epoch_plan(epoch: int):
-        if train_cfg.packing:
+        if train_cfg.packing and pack_tokens:
             return plan_packed_epoch(sample_lengths, max_tokens=pack_tokens,
                                      seed=train_cfg.seed, epoch=epoch, rank=dist.rank, world_size=dist.world_size)
         return plan_epoch(len(data.train), micro_batch_size=mbs, seed=train_cfg.seed, epoch=epoch,

@@ -210,3 +210,16 @@ def test_packed_training_is_deterministic(tiny_model_dir, qa_data_dir, tmp_path)
     a = _train(tiny_model_dir, qa_data_dir, tmp_path / "a", **kwargs)
     b = _train(tiny_model_dir, qa_data_dir, tmp_path / "b", **kwargs)
     assert a.losses == b.losses and len(a.losses) == 4
+
+
+def test_default_packing_packs_each_unpacked_micro_batch(tiny_model_dir, qa_data_dir, tmp_path):
+    """Without --packing_max_tokens, step k packs exactly the samples of unpacked step k: same per-step losses
+    and weights as padded training with batch 2 (a real shuffle, 4 steps), with no padding token processed."""
+    common = dict(max_steps=4, learning_rate=1e-3, seed=5, per_device_train_batch_size=2)
+    padded = _train(tiny_model_dir, qa_data_dir, tmp_path / "padded", **common)
+    packed = _train(tiny_model_dir, qa_data_dir, tmp_path / "packed", packing=True, **common)
+    assert packed.losses == pytest.approx(padded.losses, abs=1e-5)
+    reference = _weights(tmp_path / "padded")
+    got = _weights(tmp_path / "packed")
+    for key in reference:
+        torch.testing.assert_close(got[key], reference[key], atol=1e-5, rtol=0, msg=key)
