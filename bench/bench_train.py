@@ -8,8 +8,7 @@ Same model (the bundled SmolLM2-135M, fp32), same data (word reversal + list que
 pre-tokenized dataset with a ``completion_mask``, so both supervise exactly the answer + EOS), same
 hyper-parameters (AdamW lr/betas/eps, no weight decay, linear schedule without warmup, clip 1.0, seed), the same
 number of optimizer steps over the same samples: one epoch of ``8 x steps`` rows. TRL pads batches of 8;
-easysft packs the same rows into ``steps`` padding-free rows (the token budget is chosen so the epoch is exactly
-``steps`` rows: 8 samples per step on average).
+easysft packs the 8 samples of each step into one padding-free row (``--packing`` without a token budget).
 
 Every trainer runs in its own process (peak resident memory = that process's ``ru_maxrss``; wall = the whole
 process: imports, load, data, train, final eval, save). Training time = the sum of the optimizer steps' times
@@ -247,7 +246,7 @@ def run_easysft(mode: str, work: Path, model: str, steps: int, budget: int, time
            "--learning_rate", str(LEARNING_RATE[mode]), "--lr_scheduler_type", "linear", "--num_warmup_steps", "0",
            "--weight_decay", "0", "--max_grad_norm", "1.0", "--seed", str(SEED),
            "--max_prompt_len", str(MAX_PROMPT_LEN), "--max_ans_len", str(MAX_ANS_LEN),
-           "--packing", "--packing_max_tokens", str(budget), "--tensorboard", "false", *extra_flags]
+           "--packing", "--tensorboard", "false", *extra_flags]  # each row packs one batch of 8 samples
     if mode == "lora":
         cmd += ["--lora_dim", str(LORA_RANK), "--lora_alpha", str(LORA_ALPHA),
                 "--lora_module_name", ",".join(LORA_TARGETS)]
@@ -305,7 +304,7 @@ def format_table(results: list[RunResult], peak_gflops: float, meta: dict) -> st
         f"Measured {meta['date']} on {meta['machine']}; fp32 matmul peak {peak_gflops:.0f} GFLOP/s "
         f"(1024^3, best of runs before and after the trainers).",
         f"Model: bundled SmolLM2-135M ({meta['num_params']:,} parameters), fp32. Data: {meta['data']}.",
-        f"Both: batch {BATCH} (easysft: {meta['budget']}-token packed rows, one per step), {meta['steps']} "
+        f"Both: batch {BATCH} (easysft: the {BATCH} samples of each step packed into one padding-free row), {meta['steps']} "
         f"optimizer steps = one epoch, lr {LEARNING_RATE['full']} (full) / {LEARNING_RATE['lora']} (LoRA r={LORA_RANK} "
         f"alpha={LORA_ALPHA} on {','.join(LORA_TARGETS)}), AdamW betas (0.9, 0.95), linear schedule, clip 1.0.",
         f"Tokens: TRL {meta.get('padded_tokens', '?')} padded positions vs {meta.get('real_tokens', '?')} real "
