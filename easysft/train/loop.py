@@ -266,22 +266,12 @@ def _autocast_dtype(dtype: str):
 
 
 def _reject_unavailable(train_cfg: TrainConfig, lora_cfg: LoraConfig) -> None:
-    """Flags the CLI accepts whose features are not built yet: a clear error, never a silent ignore."""
+    """An engine name the registry does not know: a clear error before anything loads, never a silent fallback."""
     from easysft.engines import ENGINES
 
     wanted = choose_engine(train_cfg, DistInfo.from_env())
     if wanted not in ENGINES:
-        raise NotAvailableYet(f"the {wanted!r} engine (--deepspeed/--zero_stage/--engine) is not available yet.")
-    if lora_cfg.enabled and "lora" not in _FEATURES:
-        raise NotAvailableYet("LoRA (--lora_dim > 0) is not available yet.")
-    if (train_cfg.save_steps or train_cfg.resume) and "checkpoint" not in _FEATURES:
-        raise NotAvailableYet("checkpoints and resume (--save_steps/--resume) are not available yet.")
-    if train_cfg.packing and "packing" not in _FEATURES:
-        raise NotAvailableYet("--packing is not available yet.")
-
-
-# Features wired into this loop (each issue adds its name when it lands).
-_FEATURES: set[str] = {"lora", "packing", "checkpoint"}
+        raise NotAvailableYet(f"the {wanted!r} engine (--deepspeed/--zero_stage/--engine) is not available.")
 
 
 def _prepare_output_dir(train_cfg: TrainConfig, dist: DistInfo) -> str:
