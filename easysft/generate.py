@@ -4,11 +4,17 @@ Contract of :func:`generate_ids` (the HF backend):
 
 - prompts are lists of token ids built by :func:`build_prompt_ids`, i.e. the training prompt (template + the same
   END-keeping truncation as :func:`easysft.data.tokenize.tokenize_example`) without the answer;
-- prompts are sorted by length (longest first, so an out-of-memory batch fails at once) and cut into batches of
-  at most ``batch_size`` rows by :func:`plan_batches`, which trades padding (wasted prompt compute) against the
-  number of batches (every batch pays ``max_new_tokens`` decoding steps);
-- each batch is LEFT-padded with an ``attention_mask`` of 0 on the padding: new tokens are appended on the right,
-  and transformers derives position ids from the mask, so a padded row sees the same positions as alone;
+- prompts are sorted by length (longest first, so an out-of-memory batch fails at once) and decoded in groups of
+  at most ``batch_size`` rows;
+- the usual path (one sequence per prompt, prompts of 2+ tokens, a plain full-attention cache): each group's
+  prompt pass runs in length buckets chosen by :func:`plan_batches` (padding traded against forward passes), and
+  :func:`prefill_cache` stitches the buckets' key/value caches into one left-padded batch that ``generate``
+  decodes together. On 2 CPU cores this is what makes batching pay: a padded batch would run every short prompt
+  at the longest one's length, and separate batches would pay every decoding step once per batch;
+- otherwise (beam search, a one-token prompt, sliding-window or recurrent caches, a streamer) each batch is
+  padded and generated as one, with :func:`plan_batches` trading padding against decoding steps;
+- batches are LEFT-padded with an ``attention_mask`` of 0 on the padding: new tokens are appended on the right,
+  and position ids come from the mask, so a padded row sees the same positions as alone;
 - each row stops at its own EOS: the returned ids exclude the EOS and anything generated after it (rows that
   finish early keep producing padding until the whole batch is done);
 - the result is in the INPUT order.
@@ -183,21 +189,23 @@ def length_order(prompts: list[list[int]]) -> list[int]:
     return sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
 
 
-# On CPU one decoding step (all weights read once, whatever the batch) costs about as much as prefilling this
-# many prompt tokens (~30 ms vs ~0.8 ms per token for SmolLM2-135M on 2 cores). Only the order of magnitude
-# matters: it decides when padding a short prompt up to a long one is cheaper than starting another batch.
-DECODE_STEP_TOKENS = 32
+# Cost model for cutting prompts into batches, in "prompt tokens": on CPU a forward pass costs a fixed ~100 ms
+# (every weight is read once, whatever the batch) plus ~2.6 ms per prompt token, and one decoding step of a batch
+# ~110-260 ms (SmolLM2-135M, 2 cores, measured). Only the order of magnitude matters: it decides when padding a
+# short prompt up to a long one is cheaper than one more forward pass.
+PREFILL_FORWARD_TOKENS = 40
+DECODE_STEP_TOKENS = 60
 
 
-def plan_batches(lengths: list[int], max_batch_size: int, max_new_tokens: int) -> list[list[int]]:
+def plan_batches(lengths: list[int], max_batch_size: int, overhead_tokens: float) -> list[list[int]]:
     """Cut prompts into batches (lists of indices into ``lengths``) of at most ``max_batch_size`` rows.
 
     Prompts are taken longest first and cut into contiguous runs minimising the estimated cost
-    ``sum(rows x longest prompt) + batches x max_new_tokens x DECODE_STEP_TOKENS`` (dynamic programming over the
-    sorted lengths). Lengths spread 10x: a few long prompts get their own batch instead of padding many short
-    ones; similar lengths: batches are as large as allowed.
+    ``sum(rows x longest prompt) + batches x overhead_tokens`` (dynamic programming over the sorted lengths), where
+    ``overhead_tokens`` is what one more batch costs. Lengths spread 10x: a few long prompts get their own batch
+    instead of padding many short ones; similar lengths: batches are as large as allowed.
 
-    >>> plan_batches([100, 10, 10, 100, 10], max_batch_size=4, max_new_tokens=1)
+    >>> plan_batches([100, 10, 10, 100, 10], max_batch_size=4, overhead_tokens=32)
     [[0, 3], [1, 2, 4]]
     """
     order = length_order([[0] * n for n in lengths]) if lengths else []
@@ -205,13 +213,12 @@ def plan_batches(lengths: list[int], max_batch_size: int, max_new_tokens: int) -
     count = len(order)
     if count * max_batch_size > 5_000_000:  # too many prompts to plan in Python: fixed-size batches
         return [order[i:i + max_batch_size] for i in range(0, count, max_batch_size)]
-    per_batch = max_new_tokens * DECODE_STEP_TOKENS
     best = [0.0] + [float("inf")] * count  # best[end]: cost of batching the first ``end`` sorted prompts
     start_of = [0] * (count + 1)
     for end in range(1, count + 1):
         for start in range(max(0, end - max_batch_size), end):
             # Sorted longest first, so the batch [start, end) is padded to sorted_lengths[start].
-            cost = best[start] + (end - start) * sorted_lengths[start] + per_batch
+            cost = best[start] + (end - start) * sorted_lengths[start] + overhead_tokens
             if cost < best[end]:
                 best[end], start_of[end] = cost, start
     batches, end = [], count
@@ -219,6 +226,62 @@ def plan_batches(lengths: list[int], max_batch_size: int, max_new_tokens: int) -
         batches.append(order[start_of[end]:end])
         end = start_of[end]
     return batches[::-1]
+
+
+def can_prefill_separately(model, prompts: list[list[int]], gen: GenerateConfig, streamer) -> bool:
+    """Whether :func:`prefill_cache` applies: one sequence per prompt (no beams), prompts of 2+ tokens, and a
+    model whose default cache is a plain full-attention ``DynamicCache`` (sliding-window, linear-attention and
+    custom caches cannot be stitched by left padding)."""
+    if gen.num_beams != 1 or streamer is not None or min(map(len, prompts)) < 2:
+        return False
+    supports = getattr(type(model), "_supports_default_dynamic_cache", None)
+    if supports is None or not supports():
+        return False
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    try:
+        layers = DynamicCache(config=model.config).layers
+    except Exception:  # a config the cache cannot read: stay on the plain path
+        return False
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def prefill_cache(model, prompts: list[list[int]], pad_id: int, device):
+    """Run every prompt except its last token through ``model`` in length buckets, and stitch the key/value
+    caches into ONE left-padded batch that ``model.generate`` continues from.
+
+    Returns ``(input_ids, attention_mask, cache)``: the full prompts left-padded to the longest, and a
+    ``DynamicCache`` holding positions ``0 .. width-2`` of every row (zeros under the padding, which the mask
+    hides). ``generate`` then feeds only the last column (each row's last real token) and decodes all rows
+    together. Why: a padded batch pays the longest prompt for every row, separate batches pay every decoding step
+    once per batch; bucketing the prompt pass by length and decoding once gets the cheaper of both.
+    """
+    import torch.nn.functional as F
+    from transformers.cache_utils import DynamicCache
+
+    width = max(map(len, prompts))
+    input_ids, attention_mask = left_pad(prompts, pad_id)
+    heads: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # per bucket: per layer (keys, values)
+    order: list[int] = []
+    for rows in plan_batches([len(ids) - 1 for ids in prompts], len(prompts), PREFILL_FORWARD_TOKENS):
+        ids, mask = left_pad([prompts[i][:-1] for i in rows], pad_id)
+        # What generate() derives from the mask: every row's real tokens start at position 0.
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=position_ids.to(device),
+              cache=cache, use_cache=True, logits_to_keep=1)
+        missing = width - 1 - ids.shape[1]  # left-pad this bucket's cache to the longest prompt
+        heads.append([(F.pad(layer.keys, (0, 0, missing, 0)), F.pad(layer.values, (0, 0, missing, 0)))
+                      for layer in cache.layers])
+        order.extend(rows)
+    back = torch.argsort(torch.tensor(order)).to(device)  # bucket order -> the order of ``prompts``
+    merged = DynamicCache(
+        [(torch.cat([bucket[layer][0] for bucket in heads]).index_select(0, back),
+          torch.cat([bucket[layer][1] for bucket in heads]).index_select(0, back))
+         for layer in range(len(heads[0]))],
+        config=model.config,
+    )
+    return input_ids.to(device), attention_mask.to(device), merged
 
 
 def generate_ids(
@@ -245,18 +308,30 @@ def generate_ids(
     stop_ids = stop_token_ids(model, tokenizer)
     kwargs = generate_kwargs(gen, max_new_tokens, tokenizer, stop_ids)
     results: list[list[int] | None] = [None] * len(prompts)
-    for rows in plan_batches([len(ids) for ids in prompts], batch_size, max_new_tokens):
+    lengths = [len(ids) for ids in prompts]
+    separate_prefill = can_prefill_separately(model, prompts, gen, streamer)
+    if separate_prefill:  # decoding groups of batch_size in length order; each group's prompt pass is bucketed
+        groups = length_order(prompts)
+        batches = [groups[i:i + batch_size] for i in range(0, len(groups), batch_size)]
+    else:  # one padded batch per group: padding traded against decoding steps
+        batches = plan_batches(lengths, batch_size, max_new_tokens * DECODE_STEP_TOKENS)
+    for rows in batches:
         batch = [prompts[i] for i in rows]
-        input_ids, attention_mask = left_pad(batch, tokenizer.pad_token_id)
-        processors = []
-        if gen.repetition_penalty != 1.0:
-            from transformers import LogitsProcessorList
-
-            pad_lens = [input_ids.shape[1] - len(ids) for ids in batch]
-            processors = LogitsProcessorList([PaddingAwareRepetitionPenalty(gen.repetition_penalty, pad_lens)])
+        cache = None
         with torch.inference_mode():
+            if separate_prefill:
+                input_ids, attention_mask, cache = prefill_cache(model, batch, tokenizer.pad_token_id, device)
+            else:
+                input_ids, attention_mask = left_pad(batch, tokenizer.pad_token_id)
+                input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+            processors = []
+            if gen.repetition_penalty != 1.0:
+                from transformers import LogitsProcessorList
+
+                pad_lens = [input_ids.shape[1] - len(ids) for ids in batch]
+                processors = LogitsProcessorList([PaddingAwareRepetitionPenalty(gen.repetition_penalty, pad_lens)])
             output = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                input_ids=input_ids, attention_mask=attention_mask, cache=cache,
                 logits_processor=processors or None, streamer=streamer, **kwargs,
             )
         new_tokens = output[:, input_ids.shape[1]:].tolist()

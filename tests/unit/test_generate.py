@@ -17,11 +17,13 @@ from easysft.errors import ConfigError
 from easysft.generate import (
     PaddingAwareRepetitionPenalty,
     build_prompt_ids,
+    can_prefill_separately,
     cut_at_stop,
     generate_ids,
     left_pad,
     length_order,
     plan_batches,
+    prefill_cache,
     resolve_settings,
     shard_for_rank,
 )
@@ -48,10 +50,12 @@ def test_left_pad_and_helpers():
 
 
 def test_plan_batches_trades_padding_against_batches():
-    assert plan_batches([100, 10, 10, 100, 10], max_batch_size=4, max_new_tokens=1) == [[0, 3], [1, 2, 4]]
+    assert plan_batches([100, 10, 10, 100, 10], max_batch_size=4, overhead_tokens=32) == [[0, 3], [1, 2, 4]]
+    # A batch costing more than the padding it saves: one batch.
+    assert plan_batches([100, 10, 10, 100, 10], max_batch_size=8, overhead_tokens=1000) == [[0, 3, 1, 2, 4]]
     # Similar lengths: as few batches as the cap allows, every prompt exactly once, longest first.
     lengths = [20, 21, 19, 22, 20, 18, 20]
-    batches = plan_batches(lengths, max_batch_size=3, max_new_tokens=16)
+    batches = plan_batches(lengths, max_batch_size=3, overhead_tokens=960)
     assert len(batches) == 3 and max(len(b) for b in batches) <= 3
     assert sorted(i for b in batches for i in b) == list(range(7))
     flat = [lengths[i] for b in batches for i in b]
@@ -104,17 +108,49 @@ def _sequential_reference(model, tokenizer, prompts, max_new_tokens, repetition_
 
 
 @pytest.mark.parametrize("repetition_penalty", [1.0, 2.0])
-def test_batched_greedy_equals_unbatched(tokenizer, repetition_penalty):
+@pytest.mark.parametrize("path", ["bucketed prefill", "padded batches"])
+def test_batched_greedy_equals_unbatched(tokenizer, repetition_penalty, path):
+    """Both generation paths: prompt pass bucketed by length + one decoding batch (prompts of 2+ tokens), and
+    plain left-padded batches (taken when a prompt has a single token, as "Hi" here)."""
     # initializer_range 0.2 makes the random model's logits peaked enough that fp32 noise cannot flip a choice.
     model = make_tiny_model(tokenizer, seed=0, initializer_range=0.2).eval()
     prompts = [tokenizer(text)["input_ids"] for text in TEXTS]
+    if path == "bucketed prefill":
+        prompts = [ids for ids in prompts if len(ids) >= 2]
     lengths = [len(p) for p in prompts]
     assert max(lengths) >= 4 * min(lengths)
+    gen = GenerateConfig(do_sample=False, repetition_penalty=repetition_penalty)
+    assert can_prefill_separately(model, prompts, gen, None) == (path == "bucketed prefill")
     refs, margin = _sequential_reference(model, tokenizer, prompts, 10, repetition_penalty)
     assert margin > 1e-3, f"near-tie ({margin}) makes the comparison meaningless; change the seed"
-    gen = GenerateConfig(do_sample=False, repetition_penalty=repetition_penalty)
     for batch_size in (1, 3, 8):
         assert generate_ids(model, tokenizer, prompts, gen, max_new_tokens=10, batch_size=batch_size) == refs
+
+
+def test_prefill_cache_matches_each_prompt_alone(tokenizer):
+    """The stitched, left-padded cache gives every row the next-token logits of its prompt run alone (1e-5)."""
+    model = make_tiny_model(tokenizer, seed=0).eval()
+    prompts = [tokenizer(text)["input_ids"] for text in TEXTS if len(tokenizer(text)["input_ids"]) >= 2]
+    prompts = prompts[::-1]  # not in length order: the rows must come back in this order
+    with torch.inference_mode():
+        input_ids, attention_mask, cache = prefill_cache(model, prompts, tokenizer.pad_token_id, "cpu")
+        assert input_ids.shape == (len(prompts), max(map(len, prompts)))
+        assert cache.get_seq_length() == input_ids.shape[1] - 1
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -1:]
+        last = model(input_ids=input_ids[:, -1:], attention_mask=attention_mask, position_ids=position_ids,
+                     cache=cache, use_cache=True).logits[:, -1]
+        for row, ids in enumerate(prompts):
+            alone = model(torch.tensor([ids])).logits[0, -1]
+            torch.testing.assert_close(last[row], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_beams_and_single_token_prompts_take_the_padded_path(tokenizer):
+    model = make_tiny_model(tokenizer, seed=0).eval()
+    prompts = [[5, 6, 7], [8, 9]]
+    assert can_prefill_separately(model, prompts, GenerateConfig(do_sample=False), None)
+    assert not can_prefill_separately(model, prompts, GenerateConfig(do_sample=False, num_beams=2), None)
+    assert not can_prefill_separately(model, [[5, 6], [7]], GenerateConfig(do_sample=False), None)
+    assert not can_prefill_separately(model, prompts, GenerateConfig(do_sample=False), streamer=object())
 
 
 def test_rows_stop_at_their_own_eos(tokenizer):
