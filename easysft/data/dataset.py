@@ -5,7 +5,7 @@
 1. hash every input that can change the result (:func:`cache_key_parts`) and look the key up in the cache;
 2. on a miss, on the main rank: read each source (:mod:`easysft.data.sources`), apply the row limits
    (``--max_train_rows`` / ``--max_eval_rows`` / debug: the FIRST rows in ``--data_path`` order), tokenize
-   every example (:func:`~easysft.data.tokenize.tokenize_example`, the only place that builds labels), count
+   every example (:func:`~easysft.data.tokenize.tokenize_examples`, the only place that builds labels), count
    every skipped row by reason, build the report and save the entry atomically;
 3. on a miss on any other rank: wait for the main rank's entry on the file system, then load it.
 
@@ -30,7 +30,7 @@ from easysft.data.sources import (
     to_rows,
 )
 from easysft.data.templates import Template
-from easysft.data.tokenize import Skip, tokenize_example
+from easysft.data.tokenize import Skip, tokenize_examples
 from easysft.errors import ConfigError, DataError, EasySFTError
 
 DEBUG_TRAIN_ROWS = 64
@@ -76,27 +76,43 @@ def cache_key_parts(data_cfg, tokenizer, template: Template, *, seed: int, debug
     }
 
 
+# Rows per batched tokenizer call: large enough that per-call overhead vanishes, small enough to stay in cache.
+TOKENIZE_CHUNK_ROWS = 1024
+
+
 def _tokenize_split(split: SourceSplit, limit: int | None, stats: SplitStats, data_cfg, tokenizer,
                     template: Template) -> list[dict]:
     records = split.records if limit is None else split.records[:limit]
     stats.rows = len(records)
-    samples = []
+    samples: list[dict] = []
+    pending = []  # rows waiting for the next batched tokenizer call, in file order
+
+    def flush() -> None:
+        outputs = tokenize_examples(tokenizer, [(row.prompt, row.answer, row.context) for row in pending],
+                                    max_prompt_len=data_cfg.max_prompt_len, max_ans_len=data_cfg.max_ans_len,
+                                    template=template)
+        for row, out in zip(pending, outputs, strict=True):
+            if isinstance(out, Skip):
+                if data_cfg.strict:
+                    raise strict_error(SkippedRow(out.reason, out.detail, row.source, row.row))
+                stats.add_skip(out.reason, row.location, out.detail)
+                continue
+            stats.add_sample(out)
+            # Only what batches need; the bookkeeping fields live in the report.
+            samples.append({"input_ids": out["input_ids"], "labels": out["labels"]})
+        pending.clear()
+
     for row in to_rows(SourceSplit(records, split.layout), data_cfg.multi_turn):
         if isinstance(row, SkippedRow):
             if data_cfg.strict:
+                flush()  # an earlier row's skip is reported first
                 raise strict_error(row)
             stats.add_skip(row.reason, row.location, row.detail)
             continue
-        out = tokenize_example(tokenizer, row.prompt, row.answer, max_prompt_len=data_cfg.max_prompt_len,
-                               max_ans_len=data_cfg.max_ans_len, template=template, context=row.context)
-        if isinstance(out, Skip):
-            if data_cfg.strict:
-                raise strict_error(SkippedRow(out.reason, out.detail, row.source, row.row))
-            stats.add_skip(out.reason, row.location, out.detail)
-            continue
-        stats.add_sample(out)
-        # Only what batches need; the bookkeeping fields live in the report.
-        samples.append({"input_ids": out["input_ids"], "labels": out["labels"]})
+        pending.append(row)
+        if len(pending) >= TOKENIZE_CHUNK_ROWS:
+            flush()
+    flush()
     return samples
 
 

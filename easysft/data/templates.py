@@ -81,18 +81,27 @@ class Template:
 
     def prompt_ids(self, tokenizer, prompt: str, context: list[dict] | None = None) -> list[int]:
         """Token ids that precede the answer (special tokens such as BOS included)."""
+        return self.prompt_ids_batch(tokenizer, [prompt], [context])[0]
+
+    def prompt_ids_batch(self, tokenizer, prompts: list[str], contexts: list[list[dict] | None]) -> list[list[int]]:
+        """:meth:`prompt_ids` for many prompts in one tokenizer call (the fast tokenizer batches in Rust)."""
+        if not prompts:
+            return []
         if self.kind == "format":
-            return list(tokenizer(self.render_text(prompt, context), add_special_tokens=True)["input_ids"])
+            texts = [self.render_text(prompt, context) for prompt, context in zip(prompts, contexts, strict=True)]
+            return [list(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
         if getattr(tokenizer, "chat_template", None) is None:
             raise ConfigError(
                 "--template chat: this tokenizer has no chat template; use --template qa or a custom string."
             )
-        messages = []
-        if self.system:
-            messages.append({"role": "system", "content": self.system})
-        messages.extend(context or [])
-        messages.append({"role": "user", "content": prompt})
-        encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        conversations = []
+        for prompt, context in zip(prompts, contexts, strict=True):
+            messages = [{"role": "system", "content": self.system}] if self.system else []
+            messages.extend(context or [])
+            messages.append({"role": "user", "content": prompt})
+            conversations.append(messages)
+        # A list of conversations renders and tokenizes as one batch (the same ids as one at a time).
+        encoded = tokenizer.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True)
         if hasattr(encoded, "keys"):  # transformers 5 returns a BatchEncoding
             encoded = encoded["input_ids"]
-        return list(encoded)
+        return [list(ids) for ids in encoded]

@@ -15,15 +15,15 @@ from easysft.errors import DataError
 
 @pytest.fixture
 def count_tokenize(monkeypatch):
-    """Counts tokenize_example calls made by prepare_data."""
+    """Counts the rows prepare_data tokenizes (through the batched tokenize_examples)."""
     calls = {"n": 0}
-    real = dataset.tokenize_example
+    real = dataset.tokenize_examples
 
-    def counting(*args, **kwargs):
-        calls["n"] += 1
-        return real(*args, **kwargs)
+    def counting(tokenizer, rows, **kwargs):
+        calls["n"] += len(rows)
+        return real(tokenizer, rows, **kwargs)
 
-    monkeypatch.setattr(dataset, "tokenize_example", counting)
+    monkeypatch.setattr(dataset, "tokenize_examples", counting)
     return calls
 
 
@@ -161,7 +161,7 @@ def test_non_main_rank_loads_the_entry_and_never_tokenizes(tokenizer, qa_data_di
     def forbidden(*args, **kwargs):
         raise AssertionError("a non-main rank must not tokenize")
 
-    monkeypatch.setattr(dataset, "tokenize_example", forbidden)
+    monkeypatch.setattr(dataset, "tokenize_examples", forbidden)
     other = prepare_data(cfg(qa_data_dir), tokenizer, is_main=False, wait_timeout_s=5)
     assert other.train == main.train and other.eval == main.eval
 

@@ -44,6 +44,8 @@ class VanishingTokenizer:
         return getattr(self._inner, name)
 
     def __call__(self, text, **kwargs):
+        if isinstance(text, list):  # batched calls: each text on its own
+            return {"input_ids": [self(one, **kwargs)["input_ids"] for one in text]}
         if text == "<VANISH>":
             return {"input_ids": []}
         return self._inner(text, **kwargs)

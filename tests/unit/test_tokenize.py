@@ -122,3 +122,33 @@ def test_custom_template_with_bad_field_is_a_clear_error():
         Template.from_name("{prompt} {other}")
     with pytest.raises(ConfigError, match="unknown"):
         Template.from_name("nonsense")
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_batched_tokenization_equals_one_row_at_a_time(tokenizer, template):
+    """tokenize_examples (one tokenizer call per batch, what data preparation uses) gives every row exactly the
+    sample -- or the skip -- that the row gets alone, with the order kept and invalid rows in between."""
+    from easysft.data.tokenize import build_sample, tokenize_examples
+
+    context = [{"role": "user", "content": "Earlier question"}, {"role": "assistant", "content": "Earlier answer"}]
+    rows = [(f"Prompt number {i}: " + "word " * (i * 7 % 40), answer, context if i % 3 == 0 else None)
+            for i, answer in enumerate(ANSWERS)]
+    rows[2:2] = [(None, "an answer", None), ("a prompt", "   ", None), ("x " * 300, "y " * 80, None)]
+    limits = dict(max_prompt_len=48, max_ans_len=16, template=template)
+    batched = tokenize_examples(tokenizer, rows, **limits)
+    assert batched == [tokenize_examples(tokenizer, [row], **limits)[0] for row in rows]
+    # An independent reference: transformers' own one-conversation / one-text calls, then the same truncation.
+    for (prompt, answer, ctx), out in zip(rows, batched, strict=True):
+        if isinstance(out, Skip):
+            continue
+        spec = Template.from_name(template)
+        if spec.kind == "chat":
+            messages = [*(ctx or []), {"role": "user", "content": prompt}]
+            reference_prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            reference_prompt = list(reference_prompt["input_ids"] if hasattr(reference_prompt, "keys")
+                                    else reference_prompt)
+        else:
+            reference_prompt = tokenizer(spec.render_text(prompt, ctx))["input_ids"]
+        reference_answer = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        assert out == build_sample(reference_prompt, reference_answer, tokenizer, max_prompt_len=48, max_ans_len=16)
+    assert [type(out).__name__ for out in batched[2:5]] == ["Skip", "Skip", "dict"]
