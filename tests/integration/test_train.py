@@ -58,6 +58,33 @@ def test_accumulation_invariance_batch4_equals_batch1_times_4(tiny_model_dir, qa
         torch.testing.assert_close(wc[name], wa[name], atol=1e-5, rtol=0, msg=name)
 
 
+def test_memory_savers_change_no_numbers(tiny_model_dir, qa_data_dir, tmp_path, monkeypatch):
+    """The default lean activations and malloc_trim hooks are installed by train() and train the same model as
+    plain transformers modules without trimming (losses and weights within 1e-5)."""
+    from easysft.train import lean_ops, memory
+
+    installed = {}
+    for module, name in ((lean_ops, "apply_lean_ops"), (memory, "release_freed_memory_during_backward")):
+        real = getattr(module, name)
+
+        def spy(model, _real=real, _name=name):
+            installed[_name] = _real(model)
+            return installed[_name]
+
+        monkeypatch.setattr(f"easysft.train.loop.{name}", spy)
+    common = dict(max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3, seed=3, packing=True)
+    lean = run(tiny_model_dir, qa_data_dir, tmp_path / "lean", **common)
+    assert installed["apply_lean_ops"] == 7 and len(installed["release_freed_memory_during_backward"]) >= 1
+    installed.clear()
+    plain = run(tiny_model_dir, qa_data_dir, tmp_path / "plain", lean_activations=False, release_cpu_memory=False,
+                **common)
+    assert not installed  # switched off: neither is installed
+    assert plain.losses == pytest.approx(lean.losses, abs=1e-5)
+    w_lean, w_plain = weights(tmp_path / "lean"), weights(tmp_path / "plain")
+    for name in w_plain:
+        torch.testing.assert_close(w_lean[name], w_plain[name], atol=1e-5, rtol=0, msg=name)
+
+
 def test_same_seed_same_curve_other_seed_other_curve(tiny_model_dir, qa_data_dir, tmp_path):
     common = dict(max_steps=4, per_device_train_batch_size=2, learning_rate=1e-3)
     a = run(tiny_model_dir, qa_data_dir, tmp_path / "a", seed=3, **common)
