@@ -29,14 +29,12 @@ import torch
 from easysft.engines.base import build_training_state, clip_and_step
 from easysft.engines.process_group import start_process_group
 from easysft.errors import CheckpointError, ConfigError
+from easysft.models.layers import decoder_layers
 
 
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated blocks to shard one by one: modules whose class the HF model names in ``_no_split_modules``."""
-    names: set[str] = set()
-    for module in model.modules():
-        names.update(getattr(module, "_no_split_modules", None) or ())
-    layers = [m for m in model.modules() if type(m).__name__ in names]
+def _layers_to_shard(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks to shard one by one (:func:`easysft.models.layers.decoder_layers`)."""
+    layers = decoder_layers(model)
     if not layers:
         raise ConfigError(
             f"--engine fsdp: cannot find the decoder layers of {type(model).__name__} (no _no_split_modules); "
@@ -69,7 +67,7 @@ class FSDPEngine:
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         model = model.to(self.device)
         self._model_class = type(model)
-        for layer in decoder_layers(model):
+        for layer in _layers_to_shard(model):
             fully_shard(layer, **kwargs)
         fully_shard(model, **kwargs)  # the root: embeddings, final norm and (tied) LM head
         self.model = model

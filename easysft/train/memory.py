@@ -15,8 +15,8 @@ peak at 3.0 GB.
 Contract: :func:`release_freed_memory_during_backward` installs gradient hooks on the first trainable parameter
 of evenly spaced decoder blocks (block 0, whose gradient comes last, always among them) and returns the hook
 handles (``handle.remove()`` undoes it). It changes no numbers: the hooks only call ``malloc_trim``. It does
-nothing (returns ``[]``) where ``malloc_trim`` does not exist (macOS, musl) or when the model has no
-recognisable list of decoder blocks.
+nothing (returns ``[]``) where ``malloc_trim`` does not exist (macOS, musl) or when the model names no decoder
+block class (``_no_split_modules``).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ import ctypes.util
 import functools
 
 import torch
+
+from easysft.models.layers import decoder_layers
 
 TRIMS_PER_BACKWARD = 3
 
@@ -49,13 +51,6 @@ def trim_available() -> bool:
     return _malloc_trim() is not None
 
 
-def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated decoder blocks of a transformers causal LM (also under PEFT or ``torch.compile``): the
-    longest ``nn.ModuleList`` in the model, which is ``model.layers`` for Llama, Qwen, Mistral, GPT-2's ``h`` ..."""
-    lists = [module for module in model.modules() if isinstance(module, torch.nn.ModuleList)]
-    return list(max(lists, key=len)) if lists else []
-
-
 def release_freed_memory_during_backward(model: torch.nn.Module) -> list:
     """Install the hooks described in the module docstring; returns their handles."""
     trim = _malloc_trim()
@@ -65,7 +60,7 @@ def release_freed_memory_during_backward(model: torch.nn.Module) -> list:
     def hook(_param: torch.Tensor) -> None:
         trim(0)
 
-    blocks = decoder_blocks(model)
+    blocks = decoder_layers(model)
     chosen = sorted({index * len(blocks) // TRIMS_PER_BACKWARD for index in range(TRIMS_PER_BACKWARD)})
     handles = []
     for block in (blocks[index] for index in chosen if blocks):

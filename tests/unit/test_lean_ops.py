@@ -89,7 +89,7 @@ def test_trim_hooks_fire_without_changing_gradients(tokenizer, monkeypatch):
     monkeypatch.setattr(memory, "_malloc_trim", lambda: lambda pad: calls.append(pad) or 1)
     model = make_tiny_model(tokenizer, seed=0, num_hidden_layers=4)
     reference = copy.deepcopy(model)
-    assert memory.decoder_blocks(model) == list(model.model.layers)
+    assert memory.decoder_layers(model) == list(model.model.layers)
     handles = memory.release_freed_memory_during_backward(model)
     assert len(handles) == memory.TRIMS_PER_BACKWARD  # blocks 0, 1 and 2 of 4
     input_ids, labels = _batch(tokenizer, seed=1)
