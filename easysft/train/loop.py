@@ -36,7 +36,7 @@ from easysft.models.save import save_model_folder, write_json_atomic
 from easysft.train.faults import maybe_fail
 from easysft.train.lean_ops import apply_lean_ops
 from easysft.train.loss import supervised_loss_sum
-from easysft.train.memory import release_freed_memory_during_backward
+from easysft.train.memory import release_freed_memory
 
 DEBUG_MAX_STEPS = 8
 
@@ -89,7 +89,10 @@ def train(
         model = apply_lora(model, lora_cfg)
         print0(describe_lora(model, lora_cfg))  # says what trains besides the adapters
     if train_cfg.lean_activations and engine.name in ("single", "ddp"):
-        apply_lean_ops(model)  # ZeRO-3 / FSDP gather weights in module hooks, which the fused MLP tail bypasses
+        # ZeRO-3 / FSDP gather weights in module hooks, which the fused MLP tail bypasses; DDP reduces gradients
+        # as autograd accumulates them (no deferred head gradient); hooks and callbacks stay out of torch.compile.
+        apply_lean_ops(model, recompute_norm_outputs=not train_cfg.torch_compile,
+                       defer_head_weight_grad=engine.name == "single" and not train_cfg.torch_compile)
     if train_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -125,7 +128,7 @@ def train(
         total_steps = min(total_steps, DEBUG_MAX_STEPS)
     engine.setup(model, train_cfg=train_cfg, num_training_steps=total_steps)
     if train_cfg.release_cpu_memory and dist.device.type == "cpu" and engine.name in ("single", "ddp"):
-        release_freed_memory_during_backward(model)  # FSDP2 and DeepSpeed manage their own gradient buffers
+        release_freed_memory(model)  # FSDP2 and DeepSpeed manage their own gradient buffers
     run_config = (to_jsonable(model_cfg, data_cfg, train_cfg, lora_cfg, gen_cfg)
                   | {"world_size": dist.world_size, "engine": engine.name, "total_steps": total_steps})
     # --resume: weights, optimizer, scheduler and data position back; metrics.jsonl cut back to that step.

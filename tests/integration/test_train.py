@@ -64,17 +64,17 @@ def test_memory_savers_change_no_numbers(tiny_model_dir, qa_data_dir, tmp_path, 
     from easysft.train import lean_ops, memory
 
     installed = {}
-    for module, name in ((lean_ops, "apply_lean_ops"), (memory, "release_freed_memory_during_backward")):
+    for module, name in ((lean_ops, "apply_lean_ops"), (memory, "release_freed_memory")):
         real = getattr(module, name)
 
-        def spy(model, _real=real, _name=name):
-            installed[_name] = _real(model)
+        def spy(model, _real=real, _name=name, **options):
+            installed[_name] = _real(model, **options)
             return installed[_name]
 
         monkeypatch.setattr(f"easysft.train.loop.{name}", spy)
     common = dict(max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3, seed=3, packing=True)
     lean = run(tiny_model_dir, qa_data_dir, tmp_path / "lean", **common)
-    assert installed["apply_lean_ops"] == 7 and len(installed["release_freed_memory_during_backward"]) >= 1
+    assert installed["apply_lean_ops"] == 8 and len(installed["release_freed_memory"]) >= 1
     installed.clear()
     plain = run(tiny_model_dir, qa_data_dir, tmp_path / "plain", lean_activations=False, release_cpu_memory=False,
                 **common)

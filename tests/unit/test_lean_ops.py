@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from conftest import make_tiny_model
 
@@ -28,36 +29,136 @@ def _loss_and_grads(model, input_ids, labels):
 
 
 def _saved_activation_bytes(model, input_ids) -> int:
-    """Bytes of the distinct non-parameter tensors autograd keeps for the backward of the decoder blocks (the LM
-    head's full-vocabulary logits would dwarf them in a tiny model)."""
+    """Bytes of the distinct non-parameter tensors autograd keeps for the backward pass of ``model``'s forward
+    (only the last position's logits, so the LM head's full-vocabulary logits do not dwarf the blocks').
+
+    The lean norms' own saved-tensor hooks take precedence over an outer one inside the forward, so their pack
+    hook is wrapped: what it returns as a tensor is kept, a recipe costs no tensor memory."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages = {}
 
-    def pack(tensor):
-        pointer = tensor.untyped_storage().data_ptr()
-        if pointer not in params:
-            storages[pointer] = tensor.untyped_storage().nbytes()
-        return tensor
+    def record(packed):
+        if isinstance(packed, torch.Tensor) and packed.untyped_storage().data_ptr() not in params:
+            storages[packed.untyped_storage().data_ptr()] = packed.untyped_storage().nbytes()
+        return packed
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model.model(input_ids=input_ids)
+    recipes = {id(r): r for m in model.modules() if (r := getattr(m, "_easysft_recipes", None)) is not None}
+    for hooks in recipes.values():
+        hooks.pack_hook = lambda tensor, _pack=hooks.pack_hook: record(_pack(tensor))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(record, lambda tensor: tensor):
+            model(input_ids=input_ids, logits_to_keep=1)
+    finally:
+        for hooks in recipes.values():
+            del hooks.pack_hook  # back to the class's bound hook
     return sum(storages.values())
 
 
 def test_lean_ops_same_loss_same_gradients_less_memory(tokenizer):
     plain = make_tiny_model(tokenizer, seed=0, intermediate_size=96)
     lean = copy.deepcopy(plain)
-    # 2 layers: 2 MLPs + 2 x 2 block norms + the final norm.
-    assert apply_lean_ops(lean) == 7
+    lean_kept_norms = copy.deepcopy(plain)
+    # 2 layers: 2 MLPs + 2 x 2 block norms + the final norm + the tied embedding.
+    assert apply_lean_ops(lean) == 8
+    assert apply_lean_ops(lean_kept_norms, recompute_norm_outputs=False) == 8
     input_ids, labels = _batch(tokenizer)
     loss_plain, grads_plain = _loss_and_grads(plain, input_ids, labels)
     loss_lean, grads_lean = _loss_and_grads(lean, input_ids, labels)
+    loss_kept, grads_kept = _loss_and_grads(lean_kept_norms, input_ids, labels)
     assert torch.equal(loss_plain, loss_lean)  # the forward is the same operations in the same order
     for name, grad in grads_plain.items():
         torch.testing.assert_close(grads_lean[name], grad, atol=1e-5, rtol=1e-5, msg=name)
+        # the norm outputs rebuilt in the backward pass are bitwise the forward's: nothing moves at all
+        assert torch.equal(grads_kept[name], grads_lean[name]), name
     saved_plain = _saved_activation_bytes(plain, input_ids)
+    saved_kept = _saved_activation_bytes(lean_kept_norms, input_ids)
     saved_lean = _saved_activation_bytes(lean, input_ids)
-    assert saved_lean < 0.75 * saved_plain, (saved_lean, saved_plain)
+    assert saved_kept < 0.75 * saved_plain, (saved_kept, saved_plain)
+    # each block's two norm outputs (q/k/v and gate/up inputs, 2 x hidden per token) are no longer kept
+    hidden = lean.config.hidden_size
+    norm_outputs = 2 * lean.config.num_hidden_layers * input_ids.numel() * hidden * 4
+    assert saved_lean <= saved_kept - norm_outputs, (saved_lean, saved_kept, norm_outputs)
+
+
+def test_tied_embedding_gradient_added_in_place(tokenizer):
+    """The tied embedding/LM-head weight gets the same gradient when the embedding's part is added in place:
+    padding tokens get none (as F.embedding), two forwards before one backward, a second backward accumulating
+    into ``.grad``, a repeated token."""
+    plain = make_tiny_model(tokenizer, seed=0)
+    lean = copy.deepcopy(plain)
+    apply_lean_ops(lean)
+    assert "forward" in vars(lean.model.embed_tokens)
+    input_ids, labels = _batch(tokenizer, seed=2)
+    input_ids[0, :5] = tokenizer.pad_token_id  # left padding without a mask: later tokens attend to it
+    labels[0, :5] = -100
+    input_ids[1, 3] = input_ids[1, 4]
+    for model in (plain, lean):
+        model.zero_grad(set_to_none=True)
+        first, second = (model(input_ids=input_ids[i : i + 1], labels=labels[i : i + 1]).loss for i in (0, 1))
+        (first + second).backward()  # two embedding backward passes, one accumulation of the weight
+        model(input_ids=input_ids, labels=labels).loss.backward()  # accumulates into the existing .grad
+    weight = "model.embed_tokens.weight"
+    grad_plain = dict(plain.named_parameters())[weight].grad
+    grad_lean = dict(lean.named_parameters())[weight].grad
+    torch.testing.assert_close(grad_lean, grad_plain, atol=1e-6, rtol=1e-5)
+    assert grad_plain[tokenizer.pad_token_id].abs().sum() > 0  # the LM head's part of the padding row stays
+    assert lean.model.embed_tokens._easysft_pending_grads == []  # everything was added
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("rows", [1, 2])  # head output gradient 24 x vocab (kept: hidden is 32) or 48 x vocab
+def test_head_weight_gradient_after_backward(tokenizer, tied, rows):
+    """The LM head's weight gradient added after the backward pass equals autograd's (two micro-batches, the
+    second accumulating), and is not there yet while the blocks' gradients are computed."""
+    plain = make_tiny_model(tokenizer, seed=0, tie_word_embeddings=tied, hidden_size=32)
+    lean = copy.deepcopy(plain)
+    assert apply_lean_ops(lean, defer_head_weight_grad=True) == 8
+    assert "forward" in vars(lean.lm_head) and "forward" not in vars(lean.model.embed_tokens)
+    input_ids, labels = _batch(tokenizer, seed=3)
+    head_grad_seen_by_block_0 = []
+    first_block_param = next(lean.model.layers[0].parameters())
+    first_block_param.register_post_accumulate_grad_hook(
+        lambda _p: head_grad_seen_by_block_0.append(lean.lm_head.weight.grad is not None))
+    micro_batches = [slice(0, 1), slice(1, 2)] if rows == 1 else [slice(0, 2), slice(0, 2)]
+    for model in (plain, lean):
+        model.zero_grad(set_to_none=True)
+        for rows_slice in micro_batches:
+            model(input_ids=input_ids[rows_slice], labels=labels[rows_slice]).loss.backward()
+    for (name, p_plain), p_lean in zip(plain.named_parameters(), lean.parameters(), strict=True):
+        torch.testing.assert_close(p_lean.grad, p_plain.grad, atol=1e-6, rtol=1e-5, msg=name)
+    if not tied:  # (tied: the embedding's part comes last in any case)
+        # kept: added after the backward pass; 48 rows: returned to autograd at once, as without the lean ops
+        assert head_grad_seen_by_block_0 == ([False, True] if rows == 1 else [True, True])
+
+
+def test_untied_or_frozen_embeddings_keep_their_forward(tokenizer):
+    untied = make_tiny_model(tokenizer, seed=0, tie_word_embeddings=False)
+    assert apply_lean_ops(untied) == 7 and "forward" not in vars(untied.model.embed_tokens)
+    frozen = make_tiny_model(tokenizer, seed=0)
+    frozen.model.embed_tokens.weight.requires_grad_(False)
+    assert apply_lean_ops(frozen) == 7 and "forward" not in vars(frozen.model.embed_tokens)
+
+
+def test_norm_output_recipes_leave_no_hooks_or_entries_behind(tokenizer):
+    """The hooks are active only inside the model's forward (also when it raises), and an entry dies with the
+    norm output it describes."""
+    model = make_tiny_model(tokenizer, seed=0)
+    apply_lean_ops(model)
+    recipes = model.model.norm._easysft_recipes
+    active_hooks = torch._C._autograd._top_saved_tensors_default_hooks
+    seen_inside = []
+    model.model.norm.register_forward_hook(lambda *_: seen_inside.append(active_hooks(False)))
+    input_ids, labels = _batch(tokenizer)
+    _loss_and_grads(model, input_ids, labels)
+    assert seen_inside and seen_inside[0] is not None  # inside the forward: the recipes' hooks
+    assert active_hooks(False) is None  # outside: none left
+    assert recipes.outputs == {}  # every norm output is gone after the backward pass, and so are the entries
+    with torch.no_grad():  # no graph: nothing registered
+        model(input_ids=input_ids)
+    assert recipes.outputs == {}
+    with pytest.raises((IndexError, RuntimeError)):
+        model(input_ids=torch.full_like(input_ids, 10**6))  # an out-of-range token id: the forward raises
+    assert active_hooks(False) is None
 
 
 def test_lean_ops_leave_other_modules_alone(tokenizer):
@@ -90,17 +191,24 @@ def test_trim_hooks_fire_without_changing_gradients(tokenizer, monkeypatch):
     model = make_tiny_model(tokenizer, seed=0, num_hidden_layers=4)
     reference = copy.deepcopy(model)
     assert memory.decoder_layers(model) == list(model.model.layers)
-    handles = memory.release_freed_memory_during_backward(model)
-    assert len(handles) == memory.TRIMS_PER_BACKWARD  # blocks 0, 1 and 2 of 4
+    handles = memory.release_freed_memory(model)
+    assert len(handles) == 1 + memory.TRIMS_PER_BACKWARD  # after the forward; blocks 1 and 2 of 4
     input_ids, labels = _batch(tokenizer, seed=1)
+    model.train()
     _, grads = _loss_and_grads(model, input_ids, labels)
     _, expected = _loss_and_grads(reference, input_ids, labels)
-    assert calls == [0] * memory.TRIMS_PER_BACKWARD
+    per_step = 1 + memory.TRIMS_PER_BACKWARD
+    assert calls == [0] * per_step
     assert all(torch.equal(grads[name], grad) for name, grad in expected.items())
+    model.eval()
+    with torch.no_grad():
+        model(input_ids)
+    assert len(calls) == per_step  # evaluation forwards do not trim
+    model.train()
     for handle in handles:
         handle.remove()
     _loss_and_grads(model, input_ids, labels)
-    assert len(calls) == memory.TRIMS_PER_BACKWARD  # removed hooks no longer fire
+    assert len(calls) == per_step  # removed hooks no longer fire
 
 
 def test_trim_is_real_on_glibc_and_absent_elsewhere(tokenizer, monkeypatch):
@@ -110,4 +218,4 @@ def test_trim_is_real_on_glibc_and_absent_elsewhere(tokenizer, monkeypatch):
         assert memory.trim_available()
         assert memory._malloc_trim()(0) in (0, 1)  # the real call: 1 if memory was released
     monkeypatch.setattr(memory, "_malloc_trim", lambda: None)
-    assert memory.release_freed_memory_during_backward(make_tiny_model(tokenizer)) == []
+    assert memory.release_freed_memory(make_tiny_model(tokenizer)) == []
