@@ -161,7 +161,7 @@ def trl_worker(args: argparse.Namespace) -> None:
     from trl import SFTConfig, SFTTrainer
 
     from easysft.data.tokenize import IGNORE_INDEX
-    from easysft.evaluate import evaluate
+    from easysft.evaluation import evaluate
     from easysft.models.load import load_tokenizer
 
     work = Path(args.work)

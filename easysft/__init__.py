@@ -19,8 +19,12 @@ _LAZY = {
     "tokenize_example": "easysft.data.tokenize",
     "Skip": "easysft.data.tokenize",
     "collate": "easysft.data.collate",
-    "train": "easysft.train.loop",
-    "evaluate": "easysft.evaluate",
+    # Implemented in modules whose names differ from the functions: importing ``easysft.training.loop`` sets the
+    # attribute ``easysft.training``, never ``easysft.train``, so these names can not be shadowed by a submodule.
+    "train": "easysft.training.loop",
+    "TrainResult": "easysft.training.run",
+    "evaluate": "easysft.evaluation",
+    "EvalResult": "easysft.evaluation",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -17,7 +17,7 @@ import dataclasses
 import sys
 from collections.abc import Callable
 
-from easysft.generate import InferenceSettings, build_prompt_ids, generate_ids
+from easysft.generate import SavedSettings, build_prompt_ids, generate_ids
 
 HELP = "commands: /reset  /system <text>  /exit  (Ctrl-D also exits)"
 USER_PROMPT = "you> "
@@ -27,7 +27,7 @@ ASSISTANT_PREFIX = "assistant> "
 class ChatSession:
     """One model, its settings and the conversation so far."""
 
-    def __init__(self, model, tokenizer, settings: InferenceSettings, system: str | None = None):
+    def __init__(self, model, tokenizer, settings: SavedSettings, system: str | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.settings = settings

@@ -72,7 +72,7 @@ def exact_match(model_path: str, rows: list[dict], *, batch_size: int = 25) -> t
 def perplexity(model_path: str, data_dir: Path) -> float:
     from easysft.config import DataConfig
     from easysft.data.dataset import prepare_data
-    from easysft.evaluate import evaluate
+    from easysft.evaluation import evaluate
     from easysft.models.load import load_model_and_tokenizer
 
     model, tokenizer, _ = load_model_and_tokenizer(model_path)
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from easysft.config import DataConfig, ModelConfig, TrainConfig
     from easysft.models.bundled import bundled_checkpoint_dir
-    from easysft.train.loop import train
+    from easysft.training.loop import train
 
     out = Path(args.output_dir)
     data_dir = write_dataset(out / "data", num_eval=args.num_eval)

@@ -2,7 +2,8 @@
 
 The code runs without any launcher: then ``world_size == 1`` and nothing distributed is initialised. Under
 ``torchrun`` or ``deepspeed`` the launcher's environment variables (RANK, WORLD_SIZE, LOCAL_RANK) say so; the
-process group is initialised by the engine (gloo on CPU, nccl on CUDA) via :func:`init_process_group`.
+process group is initialised by the engine (gloo on CPU, nccl on CUDA) via :func:`init_process_group`, the
+one place easysft starts torch.distributed.
 Rank-0-only side effects (printing, writing files) are explicit: ``if dist.is_main: ...``.
 """
 
@@ -43,18 +44,38 @@ class DistInfo:
         return cls(rank=rank, world_size=world, local_rank=local, device=device)
 
 
-def init_process_group(dist_info: DistInfo, timeout_s: int = 600) -> None:
-    """Initialise torch.distributed once (no-op for a single process or when already initialised)."""
+def free_port() -> int:
+    """A TCP port that was free a moment ago (the usual bind-to-0 trick; fine for a one-process group)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def init_process_group(dist_info: DistInfo, timeout_s: int = 600, *, single_process: bool = False) -> None:
+    """Initialise the default process group once (gloo on CPU, nccl on CUDA); no-op when already up.
+
+    Under ``torchrun`` / ``deepspeed`` the launcher's variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) say
+    how to meet the other ranks. Without a launcher nothing is initialised, unless ``single_process`` asks for a
+    one-process group on a free localhost port: an explicit ``--engine ddp|fsdp|deepspeed`` then runs the same
+    code path on one device. ``--engine auto`` never asks: without a launcher it picks the single engine.
+    """
     import datetime
 
     import torch.distributed as tdist
 
-    if not dist_info.is_distributed or tdist.is_initialized():
+    if tdist.is_initialized() or not (dist_info.is_distributed or single_process):
         return
     backend = "nccl" if dist_info.device.type == "cuda" else "gloo"
     if dist_info.device.type == "cuda":
         torch.cuda.set_device(dist_info.device)
-    tdist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if dist_info.is_distributed:
+        tdist.init_process_group(backend=backend, timeout=timeout)
+    else:
+        tdist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                                 world_size=1, timeout=timeout)
 
 
 def _initialised() -> bool:

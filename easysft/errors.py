@@ -42,6 +42,3 @@ class TrainingError(EasySFTError):
 
     exit_code = 6
 
-
-class NotAvailableYet(ConfigError):
-    """A flag the CLI accepts but whose feature is not built in this version."""

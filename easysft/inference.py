@@ -16,11 +16,11 @@ import inspect
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 
 from easysft.config import DataConfig, InferConfig, ModelConfig
 from easysft.errors import ConfigError, DataError
+from easysft.files import atomic_open
 
 DEBUG_ROWS = 32
 COLUMNS = ("prompt", "answer", "prediction")
@@ -51,21 +51,14 @@ def write_predictions(path: str, rows: list[dict], output_format: str) -> None:
     """Write rows atomically: a temp file in the target folder, then ``os.replace`` (never a half file)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    handle, temp_path = tempfile.mkstemp(prefix=".predictions-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as out:
-            if output_format == "csv":
-                writer = csv.DictWriter(out, fieldnames=COLUMNS)
-                writer.writeheader()
-                writer.writerows(rows)
-            else:
-                for row in rows:
-                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(temp_path, path)
-    except BaseException:
-        if os.path.exists(temp_path):
-            os.remove(temp_path)
-        raise
+    with atomic_open(path, newline="") as out:
+        if output_format == "csv":
+            writer = csv.DictWriter(out, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+        else:
+            for row in rows:
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def run_inference(model_cfg: ModelConfig, data_cfg: DataConfig, infer_cfg: InferConfig, given: dict) -> InferResult:
@@ -78,7 +71,8 @@ def run_inference(model_cfg: ModelConfig, data_cfg: DataConfig, infer_cfg: Infer
 
     from easysft import generate as G
     from easysft.distributed import DistInfo, init_process_group
-    from easysft.models.load import TORCH_DTYPES, load_model, load_tokenizer, resolve_model_path
+    from easysft.dtypes import torch_dtype
+    from easysft.models.load import load_model, load_tokenizer, resolve_model_path
 
     if not data_cfg.data_path:
         raise ConfigError("--data_path is required: a data folder, file or dataset to generate answers for.")
@@ -127,7 +121,7 @@ def run_inference(model_cfg: ModelConfig, data_cfg: DataConfig, infer_cfg: Infer
             print("easysft: --tensor_parallel needs several CUDA processes; sharding prompts (data parallel) "
                   "instead.", file=sys.stderr)
         if use_tp:
-            model = G.apply_tensor_parallel(model, dist.world_size, TORCH_DTYPES[infer_cfg.dtype])
+            model = G.apply_tensor_parallel(model, dist.world_size, torch_dtype(infer_cfg.dtype))
             progress = start_progress(len(prompts))
             generated = G.generate_ids(model, tokenizer, prompts, settings.generation,
                                        max_new_tokens=settings.max_new_tokens,

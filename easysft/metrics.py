@@ -12,6 +12,9 @@ import math
 import os
 from pathlib import Path
 
+from easysft.distributed import barrier
+from easysft.files import atomic_open, write_text_atomic
+
 
 class MetricsLogger:
     def __init__(self, output_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True) -> None:
@@ -76,8 +79,30 @@ def plot_losses(metrics_path: str | Path, png_path: str | Path) -> bool:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = Path(str(png_path) + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_open(png_path, "wb") as handle:
+        fig.savefig(handle, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, png_path)
     return True
+
+
+def rewind_metrics(output_dir: str | Path, step: int, dist) -> tuple[list[float], list[dict]]:
+    """Drop metrics.jsonl records after ``step`` (rank 0), so the resumed curve continues the saved one; return
+    (per-step losses, eval records) up to ``step``. A torn last line (a kill mid-write) is dropped too."""
+    path = Path(output_dir) / "metrics.jsonl"
+    if dist.is_main and path.is_file():
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                kept.append(line)
+        write_text_atomic(path, "".join(k + "\n" for k in kept))
+    barrier()
+    if not path.is_file():
+        return [], []
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    losses = [r["loss"] for r in records if "loss" in r and "event" not in r]
+    return losses, [r for r in records if "eval_loss" in r]
+

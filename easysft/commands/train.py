@@ -31,7 +31,7 @@ def build_configs(values: dict):
 
 def run(values: dict) -> int:
     model_cfg, data_cfg, train_cfg, lora_cfg, gen_cfg = build_configs(values)
-    from easysft.train.loop import train
+    from easysft.training.loop import train
 
     try:
         train(model_cfg, data_cfg, train_cfg, lora_cfg, gen_cfg)

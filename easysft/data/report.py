@@ -23,12 +23,12 @@ several samples, so ``kept + skipped_total`` may exceed ``rows``.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
 
 from easysft.data.tokenize import SKIP_REASONS
+from easysft.files import write_json_atomic
 
 PERCENTILES = (50, 90, 99)
 
@@ -178,9 +178,5 @@ def write_report(report: dict, path: str) -> str:
     if os.path.isdir(path) or path.endswith(os.sep):
         path = os.path.join(path, "data_report.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=2, ensure_ascii=False)
-        handle.write("\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, report)
     return path

@@ -16,11 +16,17 @@ from typing import Protocol
 
 import torch
 
+from easysft.dtypes import autocast_dtype
+
 
 class Engine(Protocol):
     name: str
     model: torch.nn.Module  # what the loop calls forward on (possibly wrapped)
     device: torch.device
+
+    def prepare_model(self, model: torch.nn.Module, train_cfg) -> torch.nn.Module:
+        """Engine-specific model patches (lean activations, kernels) before checkpointing/compile and ``setup``;
+        returns the model to train. Engines whose sharding hooks the patches would bypass return it unchanged."""
 
     def setup(self, model: torch.nn.Module, *, train_cfg, num_training_steps: int) -> None:
         """Wrap ``model``, build the optimizer and LR scheduler, move to the device."""
@@ -52,8 +58,7 @@ class Engine(Protocol):
         optimizer, scheduler (and GradScaler) state loadable with ``torch.load(weights_only=True)``. A collective:
         EVERY rank calls it; sharded engines (DeepSpeed, FSDP) write their own per-rank shards,
         replicated ones (DDP) write on rank 0 only (the same file from several ranks would be torn). Must not write
-        ``COMPLETE``, RNG or trainer state: easysft/checkpoint.py does, after every rank returned. An engine
-        without this pair cannot use --save_steps/--resume (checkpoint.require_support says so)."""
+        ``COMPLETE``, RNG or trainer state: easysft/checkpoint/protocol.py does, after every rank returned."""
 
     def load_checkpoint(self, path) -> None:
         """Restore what :meth:`save_checkpoint` wrote, after ``setup``; raise CheckpointError naming a bad file."""
@@ -63,14 +68,37 @@ def autocast_context(device: torch.device, dtype: str):
     """bf16/fp16 autocast where it applies; fp32 runs without autocast."""
     if dtype == "fp32":
         return contextlib.nullcontext()
-    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=torch_dtype)
+    return torch.autocast(device_type=device.type, dtype=autocast_dtype(dtype))
+
+
+def prepare_replicated_model(model: torch.nn.Module, train_cfg, *, defer_head_weight_grad: bool) -> torch.nn.Module:
+    """Model patches for the engines whose every process holds the whole model (single, DDP).
+
+    ``--lean_activations``: the lean RMSNorm/SwiGLU forwards (easysft/kernels/lean_ops.py). The norm-output recipes
+    and the deferred LM-head gradient use saved-tensor hooks and autograd-engine callbacks, which stay out of
+    ``torch.compile``; ``defer_head_weight_grad`` only where no reducer reads gradients as they accumulate (single).
+    """
+    if train_cfg.lean_activations:
+        from easysft.kernels.lean_ops import apply_lean_ops
+
+        apply_lean_ops(model, recompute_norm_outputs=not train_cfg.torch_compile,
+                       defer_head_weight_grad=defer_head_weight_grad and not train_cfg.torch_compile)
+    return model
+
+
+def release_cpu_memory(model: torch.nn.Module, train_cfg, device: torch.device) -> None:
+    """``--release_cpu_memory`` on CPU: give memory freed during each step back to the OS (kernels/memory.py).
+    FSDP2 and DeepSpeed manage their own gradient buffers and do not call this."""
+    if train_cfg.release_cpu_memory and device.type == "cpu":
+        from easysft.kernels.memory import release_freed_memory
+
+        release_freed_memory(model)
 
 
 def build_training_state(model: torch.nn.Module, train_cfg, num_training_steps: int, device: torch.device):
     """(optimizer, LR scheduler, fp16 GradScaler or None) for the PyTorch engines (single, DDP, FSDP2): easysft's
     AdamW parameter groups and the ``--lr_scheduler_type`` schedule; the scaler only for fp16 on CUDA."""
-    from easysft.train.optim import build_optimizer, build_scheduler
+    from easysft.engines.optim import build_optimizer, build_scheduler
 
     optimizer = build_optimizer(model, learning_rate=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay,
                                 device_type=device.type)
@@ -113,7 +141,7 @@ def clip_and_step(params, optimizer, scheduler, max_grad_norm: float, skip: bool
 def save_local_state(path, model: torch.nn.Module, optimizer, scheduler, scaler=None) -> None:
     """Checkpoint files of an engine whose process holds the whole model and optimizer (single, DDP rank 0):
     trainable weights as safetensors, optimizer / scheduler / fp16 scaler states as weights-only torch files."""
-    from easysft import checkpoint
+    from easysft.checkpoint import tensors as checkpoint
 
     path = Path(path)
     checkpoint.save_tensors(checkpoint.trainable_state(model), path)
@@ -125,7 +153,7 @@ def save_local_state(path, model: torch.nn.Module, optimizer, scheduler, scaler=
 
 def load_local_state(path, model: torch.nn.Module, optimizer, scheduler, scaler=None) -> None:
     """Restore what :func:`save_local_state` wrote; a file that does not fit is a CheckpointError naming it."""
-    from easysft import checkpoint
+    from easysft.checkpoint import tensors as checkpoint
     from easysft.errors import CheckpointError
 
     path = Path(path)

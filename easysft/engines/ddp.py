@@ -15,8 +15,13 @@ import contextlib
 
 import torch
 
-from easysft.engines.base import build_training_state, save_local_state
-from easysft.engines.process_group import start_process_group
+from easysft.distributed import init_process_group
+from easysft.engines.base import (
+    build_training_state,
+    prepare_replicated_model,
+    release_cpu_memory,
+    save_local_state,
+)
 from easysft.engines.single import SingleEngine
 
 
@@ -30,7 +35,12 @@ class DDPEngine(SingleEngine):
 
     def __init__(self, dist_info) -> None:
         super().__init__(dist_info)
-        start_process_group(dist_info)
+        init_process_group(dist_info, single_process=True)
+
+    def prepare_model(self, model: torch.nn.Module, train_cfg) -> torch.nn.Module:
+        """Lean activations; the LM-head gradient stays in autograd's order (DDP's reducer reads gradients as
+        they accumulate), and a tied embedding adds its gradient in place."""
+        return prepare_replicated_model(model, train_cfg, defer_head_weight_grad=False)
 
     def setup(self, model: torch.nn.Module, *, train_cfg, num_training_steps: int) -> None:
         from torch.nn.parallel import DistributedDataParallel
@@ -44,6 +54,7 @@ class DDPEngine(SingleEngine):
         )
         self.optimizer, self.scheduler, self.scaler = build_training_state(
             model, train_cfg, num_training_steps, self.device)
+        release_cpu_memory(self.unwrapped_model(), train_cfg, self.device)
 
     @property
     def grad_scale(self) -> float:

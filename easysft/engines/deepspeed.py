@@ -8,7 +8,7 @@ run). Without a launcher, ``--deepspeed`` runs on a one-process group.
 Who does what:
 - easysft builds the DeepSpeed config (:func:`build_ds_config`), or takes the user's ``--deepspeed_config`` JSON
   and fills only batch sizes, accumulation and precision, saying (rank 0) when it overrides a value.
-- The optimizer is easysft's AdamW parameter groups (``train/optim.py``); with ``--offload`` DeepSpeedCPUAdam when
+- The optimizer is easysft's AdamW parameter groups (``engines/optim.py``); with ``--offload`` DeepSpeedCPUAdam when
   its C++ op builds here, else torch AdamW on CPU (slower; a message says so). A user JSON with an ``optimizer``
   or ``scheduler`` section keeps its own.
 - easysft steps the LR scheduler once per APPLIED optimizer step (not DeepSpeed), so a skipped step does not
@@ -44,10 +44,9 @@ from pathlib import Path
 
 import torch
 
-from easysft.distributed import print0
-from easysft.engines.process_group import start_process_group
+from easysft.distributed import init_process_group, print0
+from easysft.engines.optim import build_optimizer, build_scheduler, param_groups
 from easysft.errors import CheckpointError, ConfigError
-from easysft.train.optim import build_optimizer, build_scheduler, param_groups
 
 # Quiet by default: DeepSpeed prints a progress line every `steps_per_print` steps; easysft logs its own.
 _QUIET_STEPS = 10**9
@@ -140,13 +139,17 @@ class DeepSpeedEngine:
         self.device = dist_info.device
         # DeepSpeed reads LOCAL_RANK itself; without a launcher there is none (one-process group).
         os.environ.setdefault("LOCAL_RANK", str(dist_info.local_rank))
-        start_process_group(dist_info)
+        init_process_group(dist_info, single_process=True)
         self.model = None  # the DeepSpeed engine: forward, backward and step go through it
         self.scheduler = None  # ours, stepped per applied update; None when the user's JSON has a scheduler
         self.zero_stage = 0
         self.gathers_state_dict = False
         self._is_last = True
         self._warned_unskippable = False
+
+    def prepare_model(self, model: torch.nn.Module, train_cfg) -> torch.nn.Module:
+        """No patches: ZeRO-3 gathers weights in module hooks, which the fused MLP tail of the lean ops bypasses."""
+        return model
 
     def setup(self, model: torch.nn.Module, *, train_cfg, num_training_steps: int) -> None:
         import deepspeed
@@ -270,7 +273,7 @@ class DeepSpeedEngine:
         """``path/deepspeed/state/``: ``engine.save_checkpoint`` (model states on rank 0, every rank's ZeRO
         optimizer partition); ``path/scheduler.pt`` (rank 0) for easysft's scheduler, which DeepSpeed does not
         know about. A collective: every rank calls it."""
-        from easysft import checkpoint
+        from easysft.checkpoint import tensors as checkpoint
 
         self.model.save_checkpoint(str(Path(path) / DS_DIR), tag=DS_TAG, save_latest=False)
         if self.scheduler is not None and self.dist.is_main:
@@ -283,7 +286,7 @@ class DeepSpeedEngine:
         Security: DeepSpeed unpickles its files without the weights-only restriction (they hold pickled Python
         objects such as its loss scaler) and offers no option to change that: the one place easysft loads a full
         pickle. Resume only from checkpoints you trust (README, "Security defaults")."""
-        from easysft import checkpoint
+        from easysft.checkpoint import tensors as checkpoint
 
         folder = Path(path) / DS_DIR
         if not (folder / DS_TAG).is_dir():

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
+from easysft.distributed import init_process_group
 from easysft.engines.base import build_training_state, clip_and_step
-from easysft.engines.process_group import start_process_group
 from easysft.errors import CheckpointError, ConfigError
 from easysft.models.layers import decoder_layers
 
@@ -50,10 +50,14 @@ class FSDPEngine:
     def __init__(self, dist_info) -> None:
         self.dist = dist_info
         self.device = dist_info.device
-        start_process_group(dist_info)
+        init_process_group(dist_info, single_process=True)
         self.model: torch.nn.Module | None = None
         self.optimizer = None
         self.scheduler = None
+
+    def prepare_model(self, model: torch.nn.Module, train_cfg) -> torch.nn.Module:
+        """No patches: FSDP2 gathers weights in module hooks, which the fused MLP tail of the lean ops bypasses."""
+        return model
 
     def setup(self, model: torch.nn.Module, *, train_cfg, num_training_steps: int) -> None:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -127,7 +131,7 @@ class FSDPEngine:
         optimizer state; ``path/scheduler.pt`` (rank 0). A collective: every rank calls it."""
         import torch.distributed.checkpoint as dcp
 
-        from easysft import checkpoint
+        from easysft.checkpoint import tensors as checkpoint
 
         dcp.save(self._sharded_state(), checkpoint_id=Path(path) / DCP_DIR)
         if self.dist.is_main:
@@ -139,7 +143,7 @@ class FSDPEngine:
         from torch.distributed.checkpoint.api import CheckpointException
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-        from easysft import checkpoint
+        from easysft.checkpoint import tensors as checkpoint
 
         folder = Path(path) / DCP_DIR
         if not (folder / ".metadata").is_file():

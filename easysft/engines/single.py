@@ -10,6 +10,8 @@ from easysft.engines.base import (
     build_training_state,
     clip_and_step,
     load_local_state,
+    prepare_replicated_model,
+    release_cpu_memory,
     save_local_state,
     scaled_backward,
 )
@@ -26,10 +28,15 @@ class SingleEngine:
         self.scheduler = None
         self.scaler = None
 
+    def prepare_model(self, model: torch.nn.Module, train_cfg) -> torch.nn.Module:
+        """Lean activations, with the LM head's weight gradient added after the backward pass."""
+        return prepare_replicated_model(model, train_cfg, defer_head_weight_grad=True)
+
     def setup(self, model: torch.nn.Module, *, train_cfg, num_training_steps: int) -> None:
         self.model = model.to(self.device)
         self.optimizer, self.scheduler, self.scaler = build_training_state(
             self.model, train_cfg, num_training_steps, self.device)
+        release_cpu_memory(self.unwrapped_model(), train_cfg, self.device)
 
     @property
     def grad_scale(self) -> float:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
+from easysft.dtypes import torch_dtype
 from easysft.errors import ModelError
 
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EASYSFT_META = "easysft.json"
 
 
@@ -101,7 +101,7 @@ def load_model(
         raise ModelError(f"cannot read a model config from {path}: {str(exc).splitlines()[0]}") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=TORCH_DTYPES[dtype], trust_remote_code=trust_remote_code
+            path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
         )
     except ValueError as exc:
         raise ModelError(

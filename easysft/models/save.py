@@ -7,24 +7,15 @@ once that file exists, so a crash part-way never leaves something that loads as 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+from easysft.files import write_json_atomic
 from easysft.models.load import EASYSFT_META
 
 MARKER_FILES = ("config.json", "adapter_config.json")
-
-
-def write_json_atomic(path: str | Path, data) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, ensure_ascii=False)
-        handle.write("\n")
-    os.replace(tmp, path)
 
 
 def save_model_folder(
@@ -43,7 +34,7 @@ def save_model_folder(
     tmp = Path(tempfile.mkdtemp(prefix=".model-tmp-", dir=output_dir))
     try:
         if merge_lora:
-            from easysft.lora import merged_state_dict
+            from easysft.models.lora import merged_state_dict
 
             state_dict = merged_state_dict(model, state_dict)
             model = model.get_base_model()

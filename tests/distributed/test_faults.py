@@ -1,10 +1,10 @@
 """Faults with 2 processes: a non-finite step is skipped on every rank alike, and a crash on one rank ends the
 whole job quickly, non-zero, naming the rank and the error.
 
-Step 2's loss is made NaN on every rank (``EASYSFT_INJECT_NAN_AT_STEP=2``, easysft/train/faults.py): the engine must
+Step 2's loss is made NaN on every rank (``EASYSFT_INJECT_NAN_AT_STEP=2``, easysft/testing_hooks.py): the engine must
 drop that update everywhere, so step 3 trains on intact weights (finite loss and gradient norm).
 
-The crash is injected with the testing hook ``EASYSFT_FAIL_AT_STEP=3 EASYSFT_FAIL_RANK=1`` (easysft/train/faults.py):
+The crash is injected with the testing hook ``EASYSFT_FAIL_AT_STEP=3 EASYSFT_FAIL_RANK=1`` (easysft/testing_hooks.py):
 rank 1 raises after step 3 while rank 0 goes on into step 4's collective and would wait there until the process
 group's timeout. The launcher must stop it: the job has to end within 60 s of the crash (measured from the time
 the hook writes into its message to the launcher's exit).

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from easysft.config import DataConfig, LoraConfig, ModelConfig, TrainConfig
-from easysft.train.loop import train
+from easysft.training.loop import train
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import easysft.lora
-import easysft.train.loop
+import easysft.models.lora
+import easysft.training.loop
 from easysft.cli import main
 from easysft.config import DataConfig, LoraConfig, ModelConfig, TrainConfig
 from easysft.models.load import load_model, resolve_model_path
-from easysft.train.loop import train
+from easysft.training.loop import train
 
 PROMPT = "Reverse the words: red green blue"
 
@@ -22,7 +22,7 @@ PROMPT = "Reverse the words: red green blue"
 def _train_capturing(monkeypatch, model_dir, data_dir, out, lora_cfg, **train_kwargs):
     """Run train() and capture the model's state right after LoRA was applied and right before the final save."""
     seen: dict = {}
-    real_apply, real_save = easysft.lora.apply_lora, easysft.train.loop.save_model_folder
+    real_apply, real_save = easysft.lora.apply_lora, easysft.training.loop.save_model_folder
 
     def apply_lora(model, cfg):
         seen["base_before"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -35,8 +35,8 @@ def _train_capturing(monkeypatch, model_dir, data_dir, out, lora_cfg, **train_kw
         seen["model"] = model
         return real_save(model, tokenizer, output_dir, **kwargs)
 
-    monkeypatch.setattr(easysft.lora, "apply_lora", apply_lora)
-    monkeypatch.setattr(easysft.train.loop, "save_model_folder", save_model_folder)
+    monkeypatch.setattr(easysft.models.lora, "apply_lora", apply_lora)
+    monkeypatch.setattr(easysft.training.loop, "save_model_folder", save_model_folder)
     train_kwargs = dict(per_device_train_batch_size=4, max_steps=4, learning_rate=1e-2,
                         lr_scheduler_type="constant", max_grad_norm=0, tensorboard=False) | train_kwargs
     result = train(ModelConfig(model_name_or_path=model_dir), DataConfig(data_path=[data_dir]),
@@ -172,7 +172,7 @@ def test_bad_lora_module_name_is_one_line_exit_2(tiny_model_dir, qa_data_dir, tm
 
 
 def test_lora_run_stopped_and_resumed_ends_with_the_same_adapter(tiny_model_dir, qa_data_dir, tmp_path, monkeypatch):
-    from easysft import signals
+    from easysft.training import signals
 
     def run(out, **kwargs):
         return train(ModelConfig(model_name_or_path=tiny_model_dir), DataConfig(data_path=[qa_data_dir]),

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from easysft import checkpoint
-from easysft.signals import PREEMPTED_EXIT_CODE
+from easysft.training.signals import PREEMPTED_EXIT_CODE
 from tests.conftest import make_tiny_model
 
 pytestmark = pytest.mark.slow  # five training subprocesses

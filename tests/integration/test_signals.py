@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from easysft import checkpoint
 from easysft.cli import main
-from easysft.signals import PREEMPTED_EXIT_CODE
+from easysft.training.signals import PREEMPTED_EXIT_CODE
 
 
 def start_training(out, model_dir, data_dir, log, *extra, env=None):

@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from easysft.config import DataConfig, ModelConfig, TrainConfig
 from easysft.data.dataset import prepare_data
 from easysft.data.tokenize import IGNORE_INDEX
-from easysft.evaluate import evaluate
-from easysft.train.loop import train
+from easysft.evaluation import evaluate
+from easysft.training.loop import train
 
 
 def run(model_dir, data_dir, out, **train_kwargs):
@@ -61,7 +61,7 @@ def test_accumulation_invariance_batch4_equals_batch1_times_4(tiny_model_dir, qa
 def test_memory_savers_change_no_numbers(tiny_model_dir, qa_data_dir, tmp_path, monkeypatch):
     """The default lean activations and malloc_trim hooks are installed by train() and train the same model as
     plain transformers modules without trimming (losses and weights within 1e-5)."""
-    from easysft.train import lean_ops, memory
+    from easysft.kernels import lean_ops, memory
 
     installed = {}
     for module, name in ((lean_ops, "apply_lean_ops"), (memory, "release_freed_memory")):
@@ -71,7 +71,7 @@ def test_memory_savers_change_no_numbers(tiny_model_dir, qa_data_dir, tmp_path, 
             installed[_name] = _real(model, **options)
             return installed[_name]
 
-        monkeypatch.setattr(f"easysft.train.loop.{name}", spy)
+        monkeypatch.setattr(f"easysft.training.loop.{name}", spy)
     common = dict(max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3, seed=3, packing=True)
     lean = run(tiny_model_dir, qa_data_dir, tmp_path / "lean", **common)
     assert installed["apply_lean_ops"] == 8 and len(installed["release_freed_memory"]) >= 1

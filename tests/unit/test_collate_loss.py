@@ -5,7 +5,7 @@ import torch
 
 from easysft.data.collate import collate, count_supervised
 from easysft.data.tokenize import IGNORE_INDEX, tokenize_example
-from easysft.train.loss import supervised_loss_sum
+from easysft.loss import supervised_loss_sum
 
 
 def test_collate_worked_example():

@@ -173,7 +173,7 @@ def test_rows_stop_at_their_own_eos(tokenizer):
                 scores[1, eos] = 0.0
             return scores
 
-    from easysft import generate as G
+    from easysft.generate import hf as G  # the module generate_ids looks the class up in
 
     original = G.PaddingAwareRepetitionPenalty
     G.PaddingAwareRepetitionPenalty = lambda penalty, pad_lens: ForceEos()  # type: ignore[assignment]

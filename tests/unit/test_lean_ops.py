@@ -1,4 +1,4 @@
-"""easysft.train.lean_ops (RMSNorm / SwiGLU keep only their inputs) and easysft.train.memory (malloc_trim hooks):
+"""easysft.kernels.lean_ops (RMSNorm / SwiGLU keep only their inputs) and easysft.kernels.memory (malloc_trim hooks):
 same outputs and gradients, less saved activation memory, and only the modules they are meant for."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import make_tiny_model
 
-from easysft.train import memory
-from easysft.train.lean_ops import apply_lean_ops
+from easysft.kernels import memory
+from easysft.kernels.lean_ops import apply_lean_ops
 
 
 def _batch(tokenizer, seed: int = 0):

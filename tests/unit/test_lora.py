@@ -8,7 +8,7 @@ from conftest import make_tiny_model
 
 from easysft.config import LoraConfig
 from easysft.errors import ConfigError
-from easysft.lora import (
+from easysft.models.lora import (
     apply_lora,
     base_weights_train,
     describe_lora,

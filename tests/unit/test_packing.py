@@ -10,7 +10,7 @@ import torch
 from easysft.data.batching import pack_bins, plan_epoch, plan_packed_epoch
 from easysft.data.collate import collate, count_supervised, count_tokens, pack
 from easysft.data.tokenize import IGNORE_INDEX, tokenize_example
-from easysft.train.loss import supervised_loss_sum
+from easysft.loss import supervised_loss_sum
 
 ROWS = [("short?", "yes"), ("a much longer prompt with many more words in it", "an answer of some length"),
         ("mid prompt", "mid"), ("Reverse the words: red green blue", "blue green red")]
@@ -168,7 +168,7 @@ def test_accumulated_packed_rows_equal_one_padded_batch(tokenizer):
 
 def _train(model_dir, data_dir, out, **train_kwargs):
     from easysft.config import DataConfig, ModelConfig, TrainConfig
-    from easysft.train.loop import train
+    from easysft.training.loop import train
 
     return train(ModelConfig(model_name_or_path=model_dir), DataConfig(data_path=[data_dir]),
                  TrainConfig(output_dir=str(out), tensorboard=False, **train_kwargs))

@@ -6,15 +6,16 @@ subprocesses and multi-process launches, without special flags on the command li
 - ``EASYSFT_STOP_AFTER_STEP=N``: behave as if SIGTERM arrived during optimizer step N (complete checkpoint, exit
   code 75; easysft/signals.py). Tests stop a run this way rather than with a smaller --max_steps, which would
   change the LR schedule.
-- ``EASYSFT_INJECT_NAN_AT_STEP=3,5-7``: multiply those steps' loss by NaN (the non-finite guard; train/loop.py).
+- ``EASYSFT_INJECT_NAN_AT_STEP=3,5-7``: multiply those steps' loss by NaN (the non-finite guard; training/loop.py).
 - ``EASYSFT_PAUSE_BEFORE_COMPLETE=N``: hold the checkpoint save of step N open before its COMPLETE marker, so a
-  test can kill the process mid-save (easysft/checkpoint.py).
+  test can kill the process mid-save (easysft/checkpoint/protocol.py).
 - ``EASYSFT_FAIL_AT_STEP=N`` with ``EASYSFT_FAIL_RANK=R`` (default 0): rank R raises :class:`InjectedFailure`
   right after optimizer step N (1-based). The distributed tests check that a crash on one rank ends the whole
   job promptly with a non-zero exit naming the rank, instead of leaving the other ranks waiting in a collective.
 
-Steps are optimizer steps, counted from 1. :func:`testing_hooks` reads the environment on every call, so a
-process that runs several trainings (tests/distributed/driver.py) sees each run's own settings.
+Steps are optimizer steps, counted from 1. The training loop calls :func:`testing_hooks` once per run and passes
+the result down (signals, checkpoint saves, the step), so a process that runs several trainings
+(tests/distributed/driver.py) sees each run's own settings. Bottom layer: imports nothing from easysft.
 """
 
 from __future__ import annotations
@@ -64,9 +65,14 @@ def testing_hooks() -> TestingHooks:
     )
 
 
-def maybe_fail(step: int, rank: int) -> None:
+def pause_for_test(message: str, seconds: float = 300) -> None:
+    """EASYSFT_PAUSE_BEFORE_COMPLETE: say so on stderr, then hold the save open so a test can kill the process."""
+    os.write(2, message.encode())
+    time.sleep(seconds)
+
+
+def maybe_fail(hooks: TestingHooks, step: int, rank: int) -> None:
     """Raise :class:`InjectedFailure` on rank ``rank`` after step ``step`` if EASYSFT_FAIL_AT_STEP asks for it."""
-    hooks = testing_hooks()
     if hooks.fail_at_step != step or hooks.fail_rank != rank:
         return
     # The wall-clock time lets a test measure how long the job takes to end after the crash.

@@ -11,7 +11,7 @@ import torch
 from easysft.data.batching import materialise
 from easysft.data.collate import collate
 from easysft.distributed import all_reduce_sum
-from easysft.train.loss import supervised_loss_sum
+from easysft.loss import supervised_loss_sum
 
 
 @dataclass
@@ -72,3 +72,31 @@ def evaluate(
         return EvalResult(loss=float("nan"), perplexity=float("nan"), num_tokens=0)
     loss = total_nll / total_tokens
     return EvalResult(loss=loss, perplexity=math.exp(min(loss, 700.0)), num_tokens=total_tokens)
+
+
+def evaluate_saved_model(model_cfg, data_cfg_values: dict, eval_cfg) -> EvalResult:
+    """`easysft eval`: perplexity of a saved model (full, adapter, hub id or bundled) on a split of the data.
+
+    ``data_cfg_values`` are the DataConfig flags the user typed; the template and max lengths saved with the
+    model fill the rest (easysft/models/meta.py, the one settings rule). Raises ConfigError on an empty split.
+    """
+    from easysft.config import DataConfig, from_flat_dict
+    from easysft.data.dataset import prepare_data
+    from easysft.errors import ConfigError
+    from easysft.models.load import load_model, load_tokenizer, resolve_model_path
+    from easysft.models.meta import resolve_settings
+
+    resolved = resolve_model_path(model_cfg.model_name_or_path)
+    tokenizer = load_tokenizer(resolved.tokenizer_path, trust_remote_code=model_cfg.trust_remote_code)
+    settings = resolve_settings(resolved.meta, tokenizer, data_cfg_values)
+    saved = {"template": settings.template_spec, "max_prompt_len": settings.max_prompt_len,
+             "max_ans_len": settings.max_ans_len}
+    data_cfg = from_flat_dict(DataConfig, data_cfg_values | saved)
+    data = prepare_data(data_cfg, tokenizer, seed=eval_cfg.seed)
+    samples = data.eval if eval_cfg.split == "eval" else data.train
+    if not samples:
+        raise ConfigError(f"the {eval_cfg.split} split has no sample to evaluate.")
+    model = load_model(resolved.path, dtype=eval_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code,
+                       adapter_path=resolved.adapter_path)
+    return evaluate(model, samples, batch_size=eval_cfg.per_device_eval_batch_size,
+                    pad_token_id=tokenizer.pad_token_id, progress=True)

@@ -1,4 +1,4 @@
-"""Preemption (SIGTERM / SIGINT -> finish the step, checkpoint, exit); testing hooks live in train/faults.py.
+"""Preemption (SIGTERM / SIGINT -> finish the step, checkpoint, exit); testing hooks live in easysft/testing_hooks.py.
 
 Contract of :class:`StopSignals`:
 - the FIRST SIGTERM or SIGINT only sets a flag; the loop checks it after each optimizer step, writes a complete
@@ -9,7 +9,7 @@ Contract of :class:`StopSignals`:
   when the signal reached only one of them (a rank stopping alone would hang the others in a collective).
 
 The stop hook ``EASYSFT_STOP_AFTER_STEP=N`` (behave as if SIGTERM arrived during step N) is read, with every other
-testing hook, in easysft/train/faults.py :func:`~easysft.train.faults.testing_hooks`.
+testing hook, in easysft/testing_hooks.py :func:`~easysft.testing_hooks.testing_hooks`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import threading
 import weakref
 
 from easysft.errors import EasySFTError
-from easysft.train.faults import TestingHooks, testing_hooks
+from easysft.testing_hooks import TestingHooks, testing_hooks
 
 # EX_TEMPFAIL from sysexits.h: "temporary failure, the user is invited to retry" -- i.e. rerun with --resume.
 # Distinct from 128+15 (killed by SIGTERM without saving) so job scripts can tell "saved, resume me" apart.

@@ -1,0 +1,30 @@
+"""What every config module shares: the choice lists, the field-metadata helper, and the resume-sensitive mark.
+
+No torch import anywhere in ``easysft.config``: ``easysft --help`` and flag errors must stay fast.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+)
+ENGINES = ("auto", "single", "ddp", "fsdp", "deepspeed")
+BACKENDS = ("hf", "vllm")
+
+
+# Field metadata key: a setting that decides which samples each step sees or which weights exist. A resume that
+# changes one is no longer the run it continues, so the checkpoint protocol reports it (the user may mean it,
+# e.g. a smaller batch after an out-of-memory error).
+RESUME_SENSITIVE = "resume_sensitive"
+
+
+def _help(text: str, *, resume_sensitive: bool = False, **extra: Any) -> dict:
+    """Field metadata: the flag's help text, argparse extras, and whether changing it breaks a resume."""
+    return {"help": text, **extra} | ({RESUME_SENSITIVE: True} if resume_sensitive else {})
