@@ -92,7 +92,7 @@ def _save_split(folder: str, split: str, samples: list[dict]) -> None:
     ids = np.fromiter((t for s in samples for t in s["input_ids"]), dtype=np.int32, count=int(offsets[-1]))
     labels = np.fromiter((t for s in samples for t in s["labels"]), dtype=np.int64, count=int(offsets[-1]))
     mask = labels != IGNORE_INDEX
-    # Invariant (ARCHITECTURE rule 1): a supervised label is the token itself, so a mask is enough to store.
+    # Invariant (docs/ARCHITECTURE.md rule 1): a supervised label is the token itself, so a mask is enough to store.
     assert np.array_equal(labels[mask], ids[mask]), "supervised labels must equal their input ids"
     np.save(os.path.join(folder, f"{split}_ids.npy"), ids, allow_pickle=False)
     np.save(os.path.join(folder, f"{split}_offsets.npy"), offsets, allow_pickle=False)

@@ -66,7 +66,7 @@ def pack(samples: Sequence[dict]) -> dict[str, torch.Tensor]:
       ``attention_mask`` and no KV cache (the forward must pass ``use_cache=False``, as the loss does).
     - The first label of every sample is -100: the loss shifts labels by one, so that label would be a target
       predicted from the PREVIOUS sample's last token. With it masked, no target crosses a boundary, and each
-      sample's loss equals its loss alone (ARCHITECTURE rule 5; tests check values and gradients).
+      sample's loss equals its loss alone (docs/ARCHITECTURE.md rule 5; tests check values and gradients).
     - There is no ``attention_mask`` key (a 2-D mask of ones would turn off the packed-sequence detection).
     """
     if not samples:

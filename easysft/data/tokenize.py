@@ -1,6 +1,6 @@
 """The ONLY place that truncates and builds labels.
 
-Rules (ARCHITECTURE.md section 3):
+Rules (docs/ARCHITECTURE.md, correctness rules):
 
 - ``labels`` is ``-100`` (:data:`IGNORE_INDEX`) wherever a token is not supervised: the prompt, the template
   and (later, in the collator) padding. The supervised tokens are exactly the answer's tokens, plus EOS when

@@ -1,4 +1,4 @@
-"""2 CPU processes train exactly like 1 (ARCHITECTURE rule 3): DDP, FSDP2 and DeepSpeed ZeRO 0/1/2/3.
+"""2 CPU processes train exactly like 1 (docs/ARCHITECTURE.md rule 3): DDP, FSDP2 and DeepSpeed ZeRO 0/1/2/3.
 
 Same global batch and sample order: one process with micro-batch 4 against 2 ranks with micro-batch 2 (the
 batching rule gives rank r the r-th half of each global micro-batch). fp32, dropout 0, 10 optimizer steps.

@@ -22,7 +22,7 @@ PROMPT = "Reverse the words: red green blue"
 def _train_capturing(monkeypatch, model_dir, data_dir, out, lora_cfg, **train_kwargs):
     """Run train() and capture the model's state right after LoRA was applied and right before the final save."""
     seen: dict = {}
-    real_apply, real_save = easysft.lora.apply_lora, easysft.training.loop.save_model_folder
+    real_apply, real_save = easysft.models.lora.apply_lora, easysft.training.loop.save_model_folder
 
     def apply_lora(model, cfg):
         seen["base_before"] = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -1,4 +1,4 @@
-"""Labels and truncation rules of easysft.data.tokenize (ARCHITECTURE rules 1-2)."""
+"""Labels and truncation rules of easysft.data.tokenize (docs/ARCHITECTURE.md rules 1-2)."""
 
 import pytest
 
