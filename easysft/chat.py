@@ -112,3 +112,35 @@ def repl(session: ChatSession, *, read: Callable[[str], str] = input, out=None) 
             write("\n(answer interrupted)\n")
             continue
         write("\n")
+
+
+def run_chat(model_cfg, chat_cfg, given: dict) -> int:
+    """`easysft chat`: load the model with its saved settings (``given``: the flags typed), then answer
+    ``chat_cfg.prompt`` on stdout, or run the REPL."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from easysft.models.load import load_model, load_tokenizer, resolve_model_path
+    from easysft.models.meta import resolve_settings
+
+    hf_logging.disable_progress_bar()  # no weight-loading bars in front of the first prompt
+    resolved = resolve_model_path(model_cfg.model_name_or_path)
+    tokenizer = load_tokenizer(resolved.tokenizer_path, trust_remote_code=model_cfg.trust_remote_code)
+    settings = resolve_settings(resolved.meta, tokenizer, given)
+    model = load_model(resolved.path, dtype=chat_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code,
+                       adapter_path=resolved.adapter_path)
+    model.eval()
+    if torch.cuda.is_available():
+        model.to("cuda")
+    torch.manual_seed(chat_cfg.seed)
+    session = ChatSession(model, tokenizer, settings, system=chat_cfg.system)
+    if chat_cfg.prompt is None:
+        return repl(session)
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    session.reply(chat_cfg.prompt, on_text=write)
+    write("\n")
+    return 0

@@ -8,28 +8,21 @@ from __future__ import annotations
 
 import os
 
-from easysft.config import DataConfig, ModelConfig, add_dataclass_flags, from_flat_dict, parse_bool
+from easysft.config import DataConfig, ModelConfig, PrepareConfig, add_dataclass_flags, from_flat_dict
 
 
 def add_arguments(parser) -> None:
-    add_dataclass_flags(parser, ModelConfig, DataConfig)
-    parser.add_argument("--seed", type=int, help="Seed for the eval hold-out and --data_split (default 1234).")
-    parser.add_argument("--debug", type=parse_bool, nargs="?", const=True, metavar="BOOL",
-                        help="Only the first 64 train / 32 eval rows (as `easysft train --debug`).")
-    parser.add_argument("--output_dir", help="Also write data_report.json into this folder.")
+    add_dataclass_flags(parser, ModelConfig, DataConfig, PrepareConfig)
 
 
 def run(values: dict) -> int:
     from easysft.errors import ConfigError
 
-    values = dict(values)
-    seed = values.pop("seed", 1234)
-    debug = values.pop("debug", False)
-    output_dir = values.pop("output_dir", None)
     if not values.get("data_path"):
         raise ConfigError("--data_path is required: give a data folder, file or Hugging Face dataset.")
     model_cfg = from_flat_dict(ModelConfig, values)
     data_cfg = from_flat_dict(DataConfig, values)
+    prepare_cfg = from_flat_dict(PrepareConfig, values)
 
     from easysft.data.dataset import prepare_data
     from easysft.data.report import format_report, write_report
@@ -37,8 +30,9 @@ def run(values: dict) -> int:
 
     resolved = resolve_model_path(model_cfg.model_name_or_path)
     tokenizer = load_tokenizer(resolved.tokenizer_path, trust_remote_code=model_cfg.trust_remote_code)
-    data = prepare_data(data_cfg, tokenizer, seed=seed, debug=debug)
+    data = prepare_data(data_cfg, tokenizer, seed=prepare_cfg.seed, debug=prepare_cfg.debug)
     print(format_report(data.report))
-    if output_dir:
-        print(f"report written to {write_report(data.report, os.path.join(output_dir, 'data_report.json'))}")
+    if prepare_cfg.output_dir:
+        path = write_report(data.report, os.path.join(prepare_cfg.output_dir, "data_report.json"))
+        print(f"report written to {path}")
     return 0

@@ -100,3 +100,37 @@ class ExportConfig:
             raise ConfigError("--output_dir is required: the folder to write the exported model into.")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype {self.dtype!r} is unknown; choose one of: {', '.join(DTYPES)}.")
+
+
+@dataclass
+class ChatConfig:
+    """`easysft chat`: one answer with --prompt, else the REPL. Unset overrides keep the model's saved values."""
+
+    prompt: str | None = field(default=None, metadata=_help("Answer this one prompt on stdout and exit (no REPL)."))
+    system: str | None = field(
+        default=None, metadata=_help("System prompt (default: the one saved with the template, if any)."))
+    template: str | None = field(
+        default=None, metadata=_help("Override the saved template: 'qa', 'chat' or a string with {prompt}."))
+    max_prompt_len: int | None = field(
+        default=None, metadata=_help("Prompt tokens kept; older turns are dropped first."))
+    max_ans_len: int | None = field(
+        default=None, metadata=_help("Default for --max_new_tokens (saved value, else 256)."))
+    dtype: str = field(default="fp32", metadata=_help("Model dtype: fp32, bf16 or fp16."))
+    seed: int = field(default=1234, metadata=_help("Sampling seed."))
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype {self.dtype!r} is unknown; choose one of: {', '.join(DTYPES)}.")
+        for name in ("max_prompt_len", "max_ans_len"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name} must be at least 1, got {value}.")
+
+
+@dataclass
+class PrepareConfig:
+    """`easysft prepare`: tokenize and cache, print the data report."""
+
+    seed: int = field(default=1234, metadata=_help("Seed for the eval hold-out and --data_split."))
+    debug: bool = field(default=False, metadata=_help("Only the first 64 train / 32 eval rows (as train --debug)."))
+    output_dir: str | None = field(default=None, metadata=_help("Also write data_report.json into this folder."))
