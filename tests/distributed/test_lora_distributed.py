@@ -7,10 +7,6 @@ fp32 noise. ZeRO-3 and FSDP2 shard the weights: the saved adapter is extracted f
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +15,7 @@ from safetensors.torch import load_file
 
 from easysft.config import DataConfig, LoraConfig, ModelConfig, TrainConfig
 from easysft.training.loop import train
+from tests.distributed.dist_launch import deepspeed_cmd, launch_env, run, torchrun_cmd
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -29,23 +26,11 @@ FLAGS = ["--max_steps", str(STEPS), "--learning_rate", str(LR), "--lr_scheduler_
          "--lora_dim", str(RANK), "--lora_module_name", "all-linear", "--tensorboard", "false", "--seed", "5"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:  # other test runs on this machine may hold the default port
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _launch(kind: str, args: list[str], out: Path) -> None:
-    bin_dir = Path(sys.executable).parent
-    port = str(_free_port())
-    if kind == "torchrun":
-        cmd = [str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--master_port", port, "-m", "easysft"]
-    else:
-        cmd = [str(bin_dir / "deepspeed"), "--num_gpus", "2", "--master_port", port, "--module", "easysft"]
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd + ["train", *args, "--output_dir", str(out)], env=env, capture_output=True,
-                          text=True, timeout=420)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+def _launch(kind: str, args: list[str], out: Path, cache_dir: Path) -> None:
+    launcher = (torchrun_cmd(2, "-m", "easysft") if kind == "torchrun"
+                else deepspeed_cmd(2, "--module", "easysft"))
+    finished = run([*launcher, "train", *args, "--output_dir", str(out)], launch_env(cache_dir), timeout_s=420)
+    assert finished.returncode == 0, finished.output[-3000:]
 
 
 @pytest.mark.parametrize(
@@ -61,7 +46,7 @@ def test_two_rank_lora_adapter_equals_single_process(kind, engine_flags, tiny_mo
           LoraConfig(lora_dim=RANK, lora_module_name="all-linear"))
     multi = tmp_path / "multi"
     _launch(kind, ["--model_name_or_path", tiny_model_dir, "--data_path", qa_data_dir,
-                   "--per_device_train_batch_size", "2", *FLAGS, *engine_flags], multi)
+                   "--per_device_train_batch_size", "2", *FLAGS, *engine_flags], multi, tmp_path / "cache")
 
     assert (multi / "adapter_config.json").is_file() and not (multi / "model.safetensors").exists()
     a = load_file(str(single / "adapter_model.safetensors"))
