@@ -24,6 +24,7 @@ COMMANDS = {
     "chat": ("easysft.commands.chat", "Interactive multi-turn chat, or one answer with --prompt."),
     "prepare": ("easysft.commands.prepare", "Tokenize and cache a dataset; print the data report."),
     "export": ("easysft.commands.export", "Export a model (merge a LoRA adapter into a full checkpoint)."),
+    "dashboard": ("easysft.commands.dashboard", "Local web page: runs, live curves, data report, predictions, chat."),
 }
 
 
