@@ -97,13 +97,14 @@ def _text(value) -> str:
 
 
 def config_diff(configs: list[dict]) -> list[dict]:
-    """``[{"key", "values": [one per config, None where absent]}]`` for keys not equal across all configs."""
+    """``[{"key", "values": [one per config, None where absent]}]`` for keys not equal across all configs (a key
+    absent from one config differs from one set to null: a flag added in a later version shows up)."""
     keys = sorted(set().union(*configs)) if configs else []
     out = []
     for key in keys:
-        values = [finite(c.get(key)) for c in configs]
-        if any(json.dumps(v, sort_keys=True) != json.dumps(values[0], sort_keys=True) for v in values[1:]):
-            out.append({"key": key, "values": values})
+        seen = {json.dumps([key in c, c.get(key)], sort_keys=True, default=str) for c in configs}
+        if len(seen) > 1:
+            out.append({"key": key, "values": [finite(c.get(key)) for c in configs]})
     return out
 
 

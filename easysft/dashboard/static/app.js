@@ -92,6 +92,12 @@ function align(seriesPoints) {
   return [steps, ...columns];
 }
 
+function axisLabel(v) {
+  if (v === null || v === undefined) return "";
+  const abs = Math.abs(v);
+  return abs !== 0 && (abs < 1e-2 || abs >= 1e5) ? v.toExponential(1) : String(+v.toPrecision(4));
+}
+
 const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#be185d", "#4d7c0f"];
 
 class Chart {
@@ -113,7 +119,7 @@ class Chart {
       points: { show: (u, si) => u.data[si].filter(v => v !== null).length < 40 },
     }))];
     this.plot = new uPlot({ width, height: 220, series, scales: { x: { time: false } },
-      axes: [{ label: "step" }, { size: 60 }] }, data, this.box);
+      axes: [{ label: "step" }, { size: 64, values: (u, splits) => splits.map(axisLabel) }], legend: { show: true } }, data, this.box);
   }
 }
 
