@@ -11,6 +11,7 @@ Library functions take the sub-config they need (``DataConfig``, ``TrainConfig``
 
 import dataclasses
 
+from easysft.config.dashboard import DashboardConfig
 from easysft.config.fields import BACKENDS, ENGINES, LR_SCHEDULERS, RESUME_SENSITIVE
 from easysft.config.flags import (
     add_dataclass_flags,
@@ -20,7 +21,6 @@ from easysft.config.flags import (
     pick_fields,
     to_jsonable,
 )
-from easysft.config.dashboard import DashboardConfig
 from easysft.config.generation import EvalConfig, ExportConfig, GenerateConfig, InferConfig
 from easysft.config.inputs import DataConfig, ModelConfig, parse_data_split
 from easysft.config.training import LoraConfig, TrainConfig

@@ -129,13 +129,33 @@ def finite(value):
     return value
 
 
+def _no_constant(_name: str) -> None:
+    return None  # NaN / Infinity / -Infinity in a record -> None (browsers' JSON.parse rejects them)
+
+
 def parse_jsonl_line(line: bytes) -> dict | None:
     """One record, or None for a malformed or non-object line (skipped, never fatal)."""
     try:
-        record = json.loads(line)
+        record = json.loads(line, parse_constant=_no_constant)
     except ValueError:
         return None
-    return finite(record) if isinstance(record, dict) else None
+    return record if isinstance(record, dict) else None
+
+
+def parse_jsonl_lines(lines: list[bytes]) -> list[dict]:
+    """The object records among ``lines``: all in one decoder call when every line is valid (the common case,
+    ~10x faster for a long metrics.jsonl), else line by line, skipping the bad ones."""
+    lines = [line for line in lines if line.strip()]
+    if not lines:
+        return []
+    try:
+        records = json.loads(b"[" + b",".join(lines) + b"]", parse_constant=_no_constant)
+    except ValueError:
+        records = [parse_jsonl_line(line) for line in lines]
+    else:
+        if len(records) != len(lines):  # a line held two values ("1, 2"): decode one by one
+            records = [parse_jsonl_line(line) for line in lines]
+    return [r for r in records if isinstance(r, dict)]
 
 
 @dataclass
@@ -171,10 +191,7 @@ class MetricsCache:
                     handle.seek(tail.offset)
                     chunk = handle.read(stat.st_size - tail.offset)
                 complete = chunk.rfind(b"\n") + 1
-                for line in chunk[:complete].splitlines():
-                    record = parse_jsonl_line(line) if line.strip() else None
-                    if record is not None:
-                        tail.records.append(record)
+                tail.records += parse_jsonl_lines(chunk[:complete].splitlines())
                 tail.offset += complete
             return list(tail.records)
 
