@@ -58,7 +58,7 @@ def parse_values(command: str, argv: list[str]) -> dict:
 
 def _top_level_help() -> str:
     lines = ["usage: easysft {" + ",".join(COMMANDS) + "} [flags]", "", "commands:"]
-    lines += [f"  {name:<8} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += [f"  {name:<9} {text}" for name, (_, text) in COMMANDS.items()]
     lines += ["", "Run `easysft <command> --help` for its flags. With no command, `train` is assumed."]
     return "\n".join(lines)
 

@@ -40,6 +40,9 @@ class Api:
     def runs(self) -> list[dict]:
         return [summarize(run_id, folder, self.cache) for run_id, folder in self.roots.discover()]
 
+    def summary(self, run_id: str) -> dict:
+        return summarize(run_id, self.roots.run_folder(run_id), self.cache)
+
     def metrics(self, run_id: str, start: int = 0) -> list[dict]:
         """Records of the run's metrics.jsonl from index ``start`` on (malformed lines already skipped)."""
         return self.cache.records(self.roots.run_folder(run_id) / METRICS)[start:]

@@ -267,14 +267,13 @@ def run_state(folder: Path, status: dict, now: float) -> str:
 
 
 def _start_time(folder: Path, status: dict) -> float | None:
+    """When the run (or its latest resume) started: run_status.json, else when train_config.json was written."""
     if isinstance(status.get("started_at"), (int, float)):
         return float(status["started_at"])
-    for name in (TRAIN_CONFIG, METRICS):
-        try:
-            return (folder / name).stat().st_mtime if name == TRAIN_CONFIG else (folder / name).stat().st_ctime
-        except OSError:
-            continue
-    return None
+    try:
+        return (folder / TRAIN_CONFIG).stat().st_mtime
+    except OSError:
+        return None
 
 
 def _end_time(folder: Path, status: dict, state: str, now: float) -> float:

@@ -186,7 +186,7 @@ class Handler(BaseHTTPRequestHandler):
     def _events(self, run_id: str, start: int) -> None:
         """Stream new metrics records (and the run's summary with them) until the client goes away."""
         api = self.server.api
-        api.run(run_id)  # 404 before the stream starts
+        api.roots.run_folder(run_id)  # 404 before the stream starts
         self._start_events()
         sent, last_write = start, time.monotonic()
         while not self.server.stopping.is_set():
@@ -196,7 +196,7 @@ class Handler(BaseHTTPRequestHandler):
                 self._event("reset", {})
             if len(records) > sent:
                 self._event("metrics", {"from": sent, "records": records[sent:]})
-                self._event("summary", api.run(run_id)["summary"])
+                self._event("summary", api.summary(run_id))
                 sent, last_write = len(records), time.monotonic()
             elif time.monotonic() - last_write > KEEPALIVE_SECONDS:
                 self.wfile.write(b": keep-alive\n\n")
