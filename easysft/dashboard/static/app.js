@@ -106,6 +106,7 @@ class Chart {
     this.box = el("div", { class: "chart", "data-chart": key }, el("div", { class: "title" }, title));
     parent.append(this.box);
     this.seriesNames = seriesNames;
+    this.logScale = key.endsWith("_ppl");
     this.plot = null;
   }
   update(data) {
@@ -118,7 +119,9 @@ class Chart {
       label: name, stroke: COLORS[i % COLORS.length], width: 1.5, spanGaps: true,
       points: { show: (u, si) => u.data[si].filter(v => v !== null).length < 40 },
     }))];
-    this.plot = new uPlot({ width, height: 220, series, scales: { x: { time: false } },
+    // perplexity spans orders of magnitude (e^loss): a log axis keeps the late, small changes visible
+    const y = this.logScale ? { distr: 3 } : {};
+    this.plot = new uPlot({ width, height: 220, series, scales: { x: { time: false }, y },
       axes: [{ label: "step" }, { size: 64, values: (u, splits) => splits.map(axisLabel) }], legend: { show: true } }, data, this.box);
   }
 }
