@@ -19,6 +19,10 @@ $(VENV)/.installed: pyproject.toml
 	# DeepSpeed compiles a small CPU shared-memory op (g++, ~1-2 min) the first time a distributed run starts;
 	# build it here once so no test or first run waits on it (cached in ~/.cache/torch_extensions).
 	$(OFFLINE) $(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+	# The dashboard's browser tests need Debian's chromium + chromedriver: installed here when missing and root.
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || { [ "$$(id -u)" = 0 ] && \
+	  apt-get update -qq && apt-get install -y -qq chromium chromium-driver; } || \
+	  echo "chromium/chromedriver missing: the dashboard browser tests will skip (apt-get install chromium chromium-driver)"
 	touch $@
 
 demo: setup

@@ -10,7 +10,7 @@ import importlib.util
 import subprocess
 import sys
 
-OTHERS = ("bench.bench_infer", "bench.bench_lora")
+OTHERS = ("bench.bench_infer", "bench.bench_lora", "bench.bench_dashboard")
 
 
 def main() -> int:

@@ -24,6 +24,7 @@ COMMANDS = {
     "chat": ("easysft.commands.chat", "Interactive multi-turn chat, or one answer with --prompt."),
     "prepare": ("easysft.commands.prepare", "Tokenize and cache a dataset; print the data report."),
     "export": ("easysft.commands.export", "Export a model (merge a LoRA adapter into a full checkpoint)."),
+    "dashboard": ("easysft.commands.dashboard", "Local web page: runs, live curves, data report, predictions, chat."),
 }
 
 
@@ -57,7 +58,7 @@ def parse_values(command: str, argv: list[str]) -> dict:
 
 def _top_level_help() -> str:
     lines = ["usage: easysft {" + ",".join(COMMANDS) + "} [flags]", "", "commands:"]
-    lines += [f"  {name:<8} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += [f"  {name:<9} {text}" for name, (_, text) in COMMANDS.items()]
     lines += ["", "Run `easysft <command> --help` for its flags. With no command, `train` is assumed."]
     return "\n".join(lines)
 

@@ -11,6 +11,7 @@ Library functions take the sub-config they need (``DataConfig``, ``TrainConfig``
 
 import dataclasses
 
+from easysft.config.dashboard import DashboardConfig
 from easysft.config.fields import BACKENDS, ENGINES, LR_SCHEDULERS, RESUME_SENSITIVE
 from easysft.config.flags import (
     add_dataclass_flags,
@@ -32,11 +33,32 @@ from easysft.config.inputs import DataConfig, ModelConfig, parse_data_split
 from easysft.config.training import LoraConfig, TrainConfig
 from easysft.dtypes import DTYPES
 
+# One name per line: engineers add configs in parallel, and single-line additions merge cleanly.
 __all__ = [
-    "BACKENDS", "DTYPES", "ENGINES", "LR_SCHEDULERS", "RESUME_SENSITIVE", "ChatConfig", "DataConfig",
-    "EvalConfig", "ExportConfig", "GenerateConfig", "InferConfig", "LoraConfig", "ModelConfig",
-    "PrepareConfig", "TrainConfig", "add_dataclass_flags", "from_flat_dict", "load_yaml_config", "parse_bool",
-    "parse_data_split", "pick_fields", "resume_sensitive_keys", "to_jsonable",
+    "BACKENDS",
+    "ChatConfig",
+    "DTYPES",
+    "DashboardConfig",
+    "DataConfig",
+    "ENGINES",
+    "EvalConfig",
+    "ExportConfig",
+    "GenerateConfig",
+    "InferConfig",
+    "LR_SCHEDULERS",
+    "LoraConfig",
+    "ModelConfig",
+    "PrepareConfig",
+    "RESUME_SENSITIVE",
+    "TrainConfig",
+    "add_dataclass_flags",
+    "from_flat_dict",
+    "load_yaml_config",
+    "parse_bool",
+    "parse_data_split",
+    "pick_fields",
+    "resume_sensitive_keys",
+    "to_jsonable",
 ]
 
 

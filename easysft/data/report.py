@@ -14,7 +14,8 @@ Report shape (all counts are ints)::
              "skipped_total": ..., "first_skipped": {reason: "file:line (detail)"},
              "truncated_prompts": ..., "truncated_answers": ...,
              "num_tokens": ..., "num_supervised_tokens": ..., "supervised_share": supervised / all tokens,
-             "prompt_tokens" / "answer_tokens" / "sample_tokens": {"p50", "p90", "p99", "max"}}
+             "prompt_tokens" / "answer_tokens" / "sample_tokens": {"p50", "p90", "p99", "max"},
+             "prompt_tokens_hist" / "answer_tokens_hist" / "sample_tokens_hist": {"edges", "counts"}}
 
 Prompt and answer lengths are counted BEFORE truncation (so they show what ``--max_prompt_len`` and
 ``--max_ans_len`` cut); sample lengths AFTER it (what the model sees). With ``--multi_turn`` one row can make
@@ -41,6 +42,20 @@ def percentiles(values: list[int]) -> dict[str, int]:
     out = {f"p{p}": ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)] for p in PERCENTILES}
     out["max"] = ordered[-1]
     return out
+
+
+def length_histogram(values: list[int], bins: int = 16) -> dict[str, list[int]]:
+    """Counts of ``values`` in ``bins`` equal-width integer bins: ``{"edges": [b0, ..., bN], "counts": [...]}``
+    (bin i holds ``edges[i] <= v < edges[i+1]``; the last bin also holds the maximum). Empty input: no bins."""
+    if not values:
+        return {"edges": [], "counts": []}
+    low, high = min(values), max(values)
+    width = max(1, math.ceil((high - low + 1) / bins))
+    edges = [low + i * width for i in range(math.ceil((high - low + 1) / width) + 1)]
+    counts = [0] * (len(edges) - 1)
+    for value in values:
+        counts[min((value - low) // width, len(counts) - 1)] += 1
+    return {"edges": edges, "counts": counts}
 
 
 @dataclass
@@ -99,6 +114,9 @@ class SplitStats:
             "prompt_tokens": percentiles(self.prompt_lens),
             "answer_tokens": percentiles(self.answer_lens),
             "sample_tokens": percentiles(self.sample_lens),
+            "prompt_tokens_hist": length_histogram(self.prompt_lens),
+            "answer_tokens_hist": length_histogram(self.answer_lens),
+            "sample_tokens_hist": length_histogram(self.sample_lens),
         }
 
 

@@ -21,6 +21,7 @@ from easysft.models.save import save_model_folder
 from easysft.testing_hooks import maybe_fail
 from easysft.training import signals
 from easysft.training.run import Run, TrainResult, setup
+from easysft.training.status import RunStatus
 from easysft.training.step import StepRecord, train_step
 
 __all__ = ["TrainResult", "train"]
@@ -29,9 +30,22 @@ __all__ = ["TrainResult", "train"]
 def train(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig, lora_cfg: LoraConfig | None = None,
           gen_cfg: GenerateConfig | None = None) -> TrainResult:
     """Fine-tune ``model_cfg``'s model on ``data_cfg``'s data; write the model and logs to ``output_dir``."""
+    run = setup(model_cfg, data_cfg, train_cfg, lora_cfg or LoraConfig(), gen_cfg or GenerateConfig())
+    status = RunStatus(run.output_dir, enabled=run.dist.is_main)  # run_status.json, read by the dashboard
+    status.write("running")
+    try:
+        result = _train_loop(run, train_cfg)
+    except BaseException as exc:
+        status.stopped(exc)
+        raise
+    status.write("finished")
+    return result
+
+
+def _train_loop(run: Run, train_cfg: TrainConfig) -> TrainResult:
+    """Evals, steps, checkpoints and the final save of a set-up run (see :func:`train`)."""
     from tqdm import tqdm
 
-    run = setup(model_cfg, data_cfg, train_cfg, lora_cfg or LoraConfig(), gen_cfg or GenerateConfig())
     cfg, pos, gas = run.train_cfg, run.position, train_cfg.gradient_accumulation_steps
     if run.resumed_from is None:
         run_eval(run, 0, 0.0)
