@@ -19,6 +19,7 @@ import sys
 from dataclasses import dataclass
 
 from easysft.config import DataConfig, InferConfig, ModelConfig
+from easysft.config.paths import check_output_file
 from easysft.errors import ConfigError, DataError
 from easysft.files import atomic_open
 
@@ -76,6 +77,12 @@ def run_inference(model_cfg: ModelConfig, data_cfg: DataConfig, infer_cfg: Infer
 
     if not data_cfg.data_path:
         raise ConfigError("--data_path is required: a data folder, file or dataset to generate answers for.")
+    check_output_file(infer_cfg.inference_output_path, flag="--inference_output_path")  # before any generation
+    limit_flag, other_flag = (("max_eval_rows", "max_train_rows") if infer_cfg.split == "eval"
+                              else ("max_train_rows", "max_eval_rows"))
+    if getattr(data_cfg, other_flag) is not None:
+        raise ConfigError(f"--{other_flag} limits the {other_flag[4:-5]} split, but infer reads --split "
+                          f"{infer_cfg.split}: use --{limit_flag} instead.")
     dist = DistInfo.from_env()
     init_process_group(dist)
     resolved = resolve_model_path(model_cfg.model_name_or_path)
@@ -85,6 +92,8 @@ def run_inference(model_cfg: ModelConfig, data_cfg: DataConfig, infer_cfg: Infer
     examples = load_split(data_cfg, infer_cfg.split, infer_cfg.seed)
     if infer_cfg.debug:
         examples = examples[:DEBUG_ROWS]
+    if getattr(data_cfg, limit_flag) is not None:
+        examples = examples[: getattr(data_cfg, limit_flag)]
     prompts, kept = [], []
     for example in examples:
         # A row without a usable prompt cannot be rendered; the answer may be missing (nothing to compare).

@@ -6,7 +6,14 @@ is given; the generation flags are those of `easysft infer`.
 
 from __future__ import annotations
 
-from easysft.config import DTYPES, GenerateConfig, ModelConfig, add_dataclass_flags, from_flat_dict
+from easysft.config import (
+    DTYPES,
+    GenerateConfig,
+    ModelConfig,
+    add_dataclass_flags,
+    convert_value,
+    from_flat_dict,
+)
 
 
 def add_arguments(parser) -> None:
@@ -25,6 +32,8 @@ def run(values: dict) -> int:
     import sys
 
     model_cfg = from_flat_dict(ModelConfig, values)
+    from_flat_dict(GenerateConfig, values)  # validate the generation flags before any model loads
+    seed = convert_value("seed", "int", values.get("seed", 1234))
 
     import torch
     from transformers.utils import logging as hf_logging
@@ -42,7 +51,7 @@ def run(values: dict) -> int:
     model.eval()
     if torch.cuda.is_available():
         model.to("cuda")
-    torch.manual_seed(values.get("seed", 1234))
+    torch.manual_seed(seed)
     session = ChatSession(model, tokenizer, settings, system=values.get("system"))
 
     if values.get("prompt") is not None:

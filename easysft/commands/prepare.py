@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import os
 
-from easysft.config import DataConfig, ModelConfig, add_dataclass_flags, from_flat_dict, parse_bool
+from easysft.config import (
+    DataConfig,
+    ModelConfig,
+    add_dataclass_flags,
+    convert_value,
+    from_flat_dict,
+    parse_bool,
+)
+from easysft.config.paths import check_output_folder
 
 
 def add_arguments(parser) -> None:
@@ -23,13 +31,15 @@ def run(values: dict) -> int:
     from easysft.errors import ConfigError
 
     values = dict(values)
-    seed = values.pop("seed", 1234)
-    debug = values.pop("debug", False)
+    seed = convert_value("seed", "int", values.pop("seed", 1234))
+    debug = convert_value("debug", "bool", values.pop("debug", False))
     output_dir = values.pop("output_dir", None)
     if not values.get("data_path"):
         raise ConfigError("--data_path is required: give a data folder, file or Hugging Face dataset.")
     model_cfg = from_flat_dict(ModelConfig, values)
     data_cfg = from_flat_dict(DataConfig, values)
+    if output_dir:  # only data_report.json is written there: a used folder (a run's output) is fine
+        check_output_folder(output_dir, may_be_used=True)
 
     from easysft.data.dataset import prepare_data
     from easysft.data.report import format_report, write_report

@@ -23,13 +23,14 @@ from easysft.config.flags import (
 from easysft.config.generation import EvalConfig, ExportConfig, GenerateConfig, InferConfig
 from easysft.config.inputs import DataConfig, ModelConfig, parse_data_split
 from easysft.config.training import LoraConfig, TrainConfig
+from easysft.config.values import check_seed, convert_value, normalise_fields
 from easysft.dtypes import DTYPES
 
 __all__ = [
     "BACKENDS", "DTYPES", "ENGINES", "LR_SCHEDULERS", "RESUME_SENSITIVE", "DataConfig", "EvalConfig", "ExportConfig",
     "GenerateConfig",
     "InferConfig", "LoraConfig", "ModelConfig", "TrainConfig", "add_dataclass_flags", "from_flat_dict",
-    "load_yaml_config", "parse_bool", "parse_data_split", "pick_fields", "resume_sensitive_keys", "to_jsonable",
+    "load_yaml_config", "parse_bool", "check_seed", "convert_value", "normalise_fields", "parse_data_split", "pick_fields", "resume_sensitive_keys", "to_jsonable",
 ]
 
 

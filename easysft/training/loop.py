@@ -20,7 +20,7 @@ from easysft.metrics import plot_losses
 from easysft.models.save import save_model_folder
 from easysft.testing_hooks import maybe_fail
 from easysft.training import signals
-from easysft.training.run import Run, TrainResult, setup
+from easysft.training.run import Run, TrainResult, output_lock, setup
 from easysft.training.step import StepRecord, train_step
 
 __all__ = ["TrainResult", "train"]
@@ -29,6 +29,12 @@ __all__ = ["TrainResult", "train"]
 def train(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig, lora_cfg: LoraConfig | None = None,
           gen_cfg: GenerateConfig | None = None) -> TrainResult:
     """Fine-tune ``model_cfg``'s model on ``data_cfg``'s data; write the model and logs to ``output_dir``."""
+    with output_lock(train_cfg):  # a second run into the same output_dir fails at once (training/run.py)
+        return _train(model_cfg, data_cfg, train_cfg, lora_cfg, gen_cfg)
+
+
+def _train(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig, lora_cfg: LoraConfig | None,
+           gen_cfg: GenerateConfig | None) -> TrainResult:
     from tqdm import tqdm
 
     run = setup(model_cfg, data_cfg, train_cfg, lora_cfg or LoraConfig(), gen_cfg or GenerateConfig())
