@@ -229,3 +229,153 @@ def test_real_process_prints_one_line_and_exits_3(tiny_model_dir, tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("easysft: error:")]
     assert len(errors) == 1 and re.search(r"train\.json:2\b", errors[0])
     assert files_in(tmp_path / "out") == []
+
+
+# ---- issue 19: every value typed and finite, one place ---------------------------------------------------------
+
+NONFINITE_FLAG_CASES = {
+    "learning_rate_nan": (("--learning_rate", "nan"), r"--learning_rate must be a finite number, got nan"),
+    "epochs_nan": (("--num_train_epochs", "nan"), r"--num_train_epochs must be a finite number, got nan"),
+    "epochs_inf": (("--num_train_epochs", "inf"), r"--num_train_epochs must be a finite number, got inf"),
+    "seed_negative": (("--seed", "-1"), r"--seed must be between 0 and 4294967295 .*got -1"),
+    "seed_too_big": (("--seed", str(2**32)), r"--seed must be between 0 and 4294967295"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NONFINITE_FLAG_CASES))
+def test_nonfinite_and_out_of_range_flags_exit_2(case, tiny_model_dir, qa_data_dir, tmp_path, capsys):
+    flags, pattern = NONFINITE_FLAG_CASES[case]
+    out = tmp_path / "out"
+    assert_clean_failure(train(tiny_model_dir, qa_data_dir, out, *flags), capsys, CONFIG, pattern)
+    assert not out.exists()
+
+
+def _yaml_train_configs(tmp_path, text: str):
+    from easysft.cli import parse_values
+    from easysft.commands.train import build_configs
+
+    config = write(tmp_path, "run.yaml", text)
+    return build_configs(parse_values("train", ["--config", str(config), "--data_path", "d"]))
+
+
+def test_yaml_values_are_converted_by_the_field_type(tmp_path):
+    # PyYAML reads 1e-4 as a STRING (YAML 1.1 floats need a dot): the most ordinary config must work.
+    _, data_cfg, train_cfg, lora_cfg, gen_cfg = _yaml_train_configs(tmp_path, (
+        'learning_rate: 1e-4\nmax_steps: "2"\nresume: true\nprint_loss: "no"\npacking: "yes"\nlora_dim: "4"\n'
+        'eval_fraction: "0.25"\ntop_k: "5"\ndata_split: 10,0,0\n'))
+    assert train_cfg.learning_rate == 1e-4 and isinstance(train_cfg.learning_rate, float)
+    assert train_cfg.max_steps == 2 and isinstance(train_cfg.max_steps, int)
+    assert train_cfg.resume == "latest"  # as the bare --resume flag
+    assert train_cfg.print_loss is False and train_cfg.packing is True
+    assert lora_cfg.lora_dim == 4 and data_cfg.eval_fraction == 0.25 and gen_cfg.top_k == 5
+    assert _yaml_train_configs(tmp_path, "resume: false\n")[2].resume is None
+
+
+YAML_CASES = {
+    "max_steps_fraction": ("max_steps: 1.5\n", r"--max_steps must be a whole number, got 1\.5"),
+    "print_loss_maybe": ('print_loss: "maybe"\n', r"--print_loss must be true or false, got 'maybe'"),
+    "learning_rate_text": ("learning_rate: fast\n", r"--learning_rate must be a number, got 'fast'"),
+    "learning_rate_nan": ("learning_rate: .nan\n", r"--learning_rate must be a finite number"),
+    "epochs_inf": ('num_train_epochs: "inf"\n', r"--num_train_epochs must be a finite number"),
+    "batch_size_bool": ("per_device_train_batch_size: true\n", r"--per_device_train_batch_size must be a whole number"),
+    "template_list": ("template: [a, b]\n", r"--template takes a text value"),
+    "seed_negative": ("seed: -1\n", r"--seed must be between 0 and"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(YAML_CASES))
+def test_bad_yaml_values_exit_2(case, tiny_model_dir, qa_data_dir, tmp_path, capsys):
+    text, pattern = YAML_CASES[case]
+    config = write(tmp_path, "run.yaml", text)
+    out = tmp_path / "out"
+    code = main(["train", "--config", str(config), "--data_path", qa_data_dir, "--model_name_or_path", tiny_model_dir,
+                 "--output_dir", str(out)])
+    assert_clean_failure(code, capsys, CONFIG, pattern)
+    assert not out.exists()
+
+
+def infer(model_dir, data_path, out_path, *extra):
+    return main(["infer", "--model_name_or_path", str(model_dir), "--data_path", str(data_path),
+                 "--inference_output_path", str(out_path), "--max_new_tokens", "2", *extra])
+
+
+INFER_FLAG_CASES = {
+    "top_k_negative": (("--top_k", "-1"), r"--top_k must be 0 \(off\) or a positive number"),
+    "temperature_nan": (("--temperature", "nan"), r"--temperature must be a finite number"),
+    "repetition_penalty_nan": (("--repetition_penalty", "nan"), r"--repetition_penalty must be a finite number"),
+    "top_p_zero": (("--top_p", "0"), r"--top_p must be in \(0, 1\]"),
+    "max_train_rows_on_eval": (("--max_train_rows", "3"),
+                               r"--max_train_rows limits the train split, but infer reads --split eval: use "
+                               r"--max_eval_rows"),
+    "seed_negative": (("--seed", "-5"), r"--seed must be between 0 and"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INFER_FLAG_CASES))
+def test_bad_infer_flags_exit_2_before_generating(case, tiny_model_dir, qa_data_dir, tmp_path, capsys):
+    flags, pattern = INFER_FLAG_CASES[case]
+    assert_clean_failure(infer(tiny_model_dir, qa_data_dir, tmp_path / "p.csv", *flags), capsys, CONFIG, pattern)
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_infer_max_train_rows_is_honoured_on_the_train_split(tiny_model_dir, qa_data_dir, tmp_path, capsys):
+    out = tmp_path / "p.jsonl"
+    assert infer(tiny_model_dir, qa_data_dir, out, "--split", "train", "--max_train_rows", "3", "--output_format",
+                 "jsonl") == 0, capsys.readouterr().err[-2000:]
+    assert len(out.read_text().splitlines()) == 3
+
+
+# ---- issue 19: output paths, checked the same way before any long work ------------------------------------------
+
+
+def test_infer_output_path_that_is_a_folder_fails_before_generating(tiny_model_dir, qa_data_dir, tmp_path, capsys):
+    folder = tmp_path / "preds"
+    folder.mkdir()
+    assert_clean_failure(infer(tiny_model_dir, qa_data_dir, folder), capsys, CONFIG,
+                         r"--inference_output_path .*preds is a folder; give a file path", folder)
+    assert "generating" not in capsys.readouterr().err
+
+
+def test_prepare_output_dir_that_is_a_file(tiny_model_dir, qa_data_dir, tmp_path, capsys):
+    taken = write(tmp_path, "taken", "not a folder")
+    code = main(["prepare", "--model_name_or_path", tiny_model_dir, "--data_path", qa_data_dir, "--output_dir",
+                 str(taken)])
+    assert_clean_failure(code, capsys, CONFIG, r"--output_dir .*taken is a file; give a folder path")
+    assert taken.read_text() == "not a folder"
+
+
+def test_export_used_folder_is_refused_like_train(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    write(out, "keep.txt", "x")
+    code = main(["export", "--model_name_or_path", tiny_model_dir, "--output_dir", str(out)])
+    assert_clean_failure(code, capsys, CONFIG, r"--output_dir .*out is not empty \(another run's files\?\); pass "
+                                               r"--overwrite_output_dir")
+    assert files_in(out) == ["keep.txt"]
+
+
+def test_read_only_output_folder_fails_before_loading(tiny_model_dir, qa_data_dir, tmp_path, capsys, monkeypatch):
+    import errno
+
+    out = tmp_path / "ro"
+    out.mkdir()
+    real_open = os.open
+
+    def read_only_fs(path, flags, *args, **kwargs):  # what a read-only mount answers, even to root
+        if str(path).startswith(str(out)) and flags & os.O_CREAT:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only_fs)
+    assert_clean_failure(train(tiny_model_dir, qa_data_dir, out), capsys, CONFIG,
+                         r"--output_dir .*ro: cannot write in .*ro \(read-only file system\)", out)
+
+
+def test_second_train_into_a_locked_output_dir_fails_at_once(tiny_model_dir, qa_data_dir, tmp_path, capsys):
+    from easysft.config.paths import output_folder_lock
+
+    out = tmp_path / "out"
+    with output_folder_lock(out):  # a first run holding the folder (flock: a second open file description)
+        for extra in ((), ("--overwrite_output_dir",)):
+            assert_clean_failure(train(tiny_model_dir, qa_data_dir, out, *extra), capsys, CONFIG,
+                                 r"--output_dir .*out is in use by another easysft run", out)
+    assert train(tiny_model_dir, qa_data_dir, out) == 0  # released: the folder is usable again
