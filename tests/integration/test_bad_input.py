@@ -379,3 +379,159 @@ def test_second_train_into_a_locked_output_dir_fails_at_once(tiny_model_dir, qa_
             assert_clean_failure(train(tiny_model_dir, qa_data_dir, out, *extra), capsys, CONFIG,
                                  r"--output_dir .*out is in use by another easysft run", out)
     assert train(tiny_model_dir, qa_data_dir, out) == 0  # released: the folder is usable again
+
+
+# ---- issue 19: every input file checked before the long work ------------------------------------------------------
+
+MIXED = [json.dumps({"prompt": f"p{i}", "answer": "a"}) for i in range(6)] + [
+    json.dumps({"instruction": "i", "input": "", "output": "o"})] * 2
+
+INPUT_FILE_CASES = {
+    "only_eval_json": ("eval.json", json.dumps(QA_ROWS), r"holds eval\.json but no train\.json or train\.jsonl; add "),
+    "json_nested_100k": ("d.json", "[" * 100_000 + "]" * 100_000, r"d\.json: JSON nested too deeply to read"),
+    "csv_short_line": ("d.csv", "prompt,answer\na,b\nc,d\ne\nf,g\n",
+                       r"d\.csv:4: 1 field\(s\) but the header names 2 \(prompt,answer\)"),
+    "csv_long_line": ("d.csv", 'prompt,answer\na,b\n"c","d",x\n', r"d\.csv:3: 3 field\(s\) but the header names 2"),
+    "csv_header_only": ("d.csv", "prompt,answer\n", r"d\.csv: the CSV file has a header \(prompt,answer\) but no rows"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INPUT_FILE_CASES))
+def test_bad_input_files_exit_3(case, tiny_model_dir, tmp_path, capsys):
+    name, content, pattern = INPUT_FILE_CASES[case]
+    path = write(tmp_path / "data", name, content)
+    data = path.parent if name.startswith("eval") else path
+    out = tmp_path / "out"
+    assert_clean_failure(train(tiny_model_dir, data, out), capsys, DATA, pattern, out)
+    assert not out.exists()
+
+
+def test_train_json_linked_to_dev_zero_is_refused(tiny_model_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    write(data, "eval.json", json.dumps(QA_ROWS))
+    os.symlink("/dev/zero", data / "train.json")
+    out = tmp_path / "out"
+    assert_clean_failure(train(tiny_model_dir, data, out), capsys, DATA,
+                         r"train\.json \(-> /dev/zero\): not a regular file", out)
+
+
+def test_mixed_layout_file_says_how_many_rows_it_skipped(tiny_model_dir, tmp_path, capsys):
+    path = write(tmp_path / "data", "mixed.jsonl", "\n".join(MIXED))
+    # `prepare` reads and reports the data exactly as `train` does, without loading the model
+    assert main(["prepare", "--model_name_or_path", tiny_model_dir, "--data_path", str(path), "--eval_fraction",
+                 "0"]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"easysft: note: 6 of 8 train rows skipped \(missing_key 6; layout alpaca; first missing_key: "
+                     r".*mixed\.jsonl:1", err), err[-2000:]
+
+
+def test_one_row_file_gets_a_no_eval_notice(tiny_model_dir, tmp_path, capsys):
+    path = write(tmp_path / "data", "one.jsonl", GOOD[0])
+    assert main(["prepare", "--model_name_or_path", tiny_model_dir, "--data_path", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"easysft: note: no eval sample \(held out 0 of 1 rows.*no evaluation will run", err), err[-2000:]
+
+
+def test_eval_of_an_empty_eval_split_is_a_data_error(tiny_model_dir, tmp_path, capsys):
+    data = write_qa_folder(tmp_path / "data")
+    (Path(data) / "eval.json").write_text("[]")
+    code = main(["eval", "--model_name_or_path", tiny_model_dir, "--data_path", data])
+    assert_clean_failure(code, capsys, DATA, r"the eval split has no sample to evaluate; add rows")
+
+
+def test_infer_counts_unreadable_rows(tiny_model_dir, tmp_path, capsys):
+    rows = GOOD[:6] + ['{"prompt": "no answer here"}', '{"prompt": broken']
+    path = write(tmp_path / "data", "rows.jsonl", "\n".join(rows))
+    out = tmp_path / "p.jsonl"
+    assert infer(tiny_model_dir, path, out, "--split", "train", "--eval_fraction", "0", "--output_format",
+                 "jsonl") == 0
+    err = capsys.readouterr().err
+    assert len(out.read_text().splitlines()) == 6
+    assert re.search(r"wrote 6 predictions .*\(2 rows skipped: unreadable or without a prompt; first: "
+                     r".*rows\.jsonl:7 missing_key\)", err), err[-2000:]
+
+
+# ---- issue 19: broken model folders --------------------------------------------------------------------------------
+
+
+def _copy_model(src, dst) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(src, dst))
+
+
+def _adapter(folder: Path, base: str) -> Path:
+    write(folder, "adapter_config.json", json.dumps({"peft_type": "LORA", "base_model_name_or_path": base, "r": 2,
+                                                     "target_modules": ["q_proj"]}))
+    return folder
+
+
+def _truncate(path: Path) -> Path:
+    with open(path, "r+b") as handle:
+        handle.truncate(path.stat().st_size // 2)
+    return path
+
+
+@pytest.mark.parametrize("command", ["train", "infer"])
+@pytest.mark.parametrize("case", ["easysft_json", "adapter_config_json", "truncated_weights", "adapter_is_its_base",
+                                  "adapter_base_deleted"])
+def test_broken_model_folders_exit_4(case, command, tiny_model_dir, qa_data_dir, tmp_path, capsys):
+    model = _copy_model(tiny_model_dir, tmp_path / "model")
+    if case == "easysft_json":
+        write(model, "easysft.json", '{"template": ')
+        pattern = r"model/easysft\.json: not valid JSON"
+    elif case == "adapter_config_json":
+        model = write(tmp_path / "adapter", "adapter_config.json", "{oops").parent
+        pattern = r"adapter/adapter_config\.json: not valid JSON"
+    elif case == "truncated_weights":
+        _truncate(model / "model.safetensors")
+        pattern = r"model/model\.safetensors: truncated or corrupted weights file"
+    elif case == "adapter_is_its_base":
+        model = _adapter(tmp_path / "adapter", str(tmp_path / "adapter"))
+        pattern = r"adapter_config\.json: base_model_name_or_path .*adapter leads back to the adapter itself"
+    else:
+        base = _copy_model(tiny_model_dir, tmp_path / "base")
+        model = _adapter(tmp_path / "adapter", str(base))
+        import shutil
+
+        shutil.rmtree(base)
+        pattern = (r"--model_name_or_path .*adapter: the adapter's base model .*base \(base_model_name_or_path in "
+                   r".*adapter_config\.json\) no longer exists")
+    out = tmp_path / "out"
+    code = (train(model, qa_data_dir, out) if command == "train" else infer(model, qa_data_dir, out / "p.csv"))
+    assert_clean_failure(code, capsys, MODEL, pattern, out)
+
+
+# ---- issue 19: never a model with non-finite weights -------------------------------------------------------------
+
+
+def test_resume_from_a_checkpoint_holding_nan_weights_fails(tiny_model_dir, qa_data_dir, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "out"
+    assert train(tiny_model_dir, qa_data_dir, out, "--save_steps", "1", "--max_steps", "2") == 0
+    os.remove(out / "model.safetensors")
+    weights = checkpoint.step_dir(out, 2) / "model.safetensors"
+    tensors = load_file(str(weights))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].clone().fill_(float("nan"))
+    size = weights.stat().st_size
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    assert weights.stat().st_size == size  # corrupted bytes, same size and a valid header
+    capsys.readouterr()
+    assert_clean_failure(train(tiny_model_dir, qa_data_dir, out, "--max_steps", "3", "--resume"), capsys, CHECKPOINT,
+                         rf"checkpoint .*checkpoint.*2 is corrupted: tensor {re.escape(name)} holds NaN or inf")
+    assert not (out / "model.safetensors").exists()
+
+
+def test_final_save_refuses_nonfinite_weights(tiny_model, tokenizer, tmp_path):
+    import torch
+
+    from easysft.errors import TrainingError
+    from easysft.models.save import save_model_folder
+
+    with torch.no_grad():
+        tiny_model.model.norm.weight[0] = float("inf")
+    with pytest.raises(TrainingError, match=r"not saving the model to .*: weight model\.norm\.weight holds NaN or inf"):
+        save_model_folder(tiny_model, tokenizer, tmp_path / "out", meta={})
+    assert not (tmp_path / "out").exists()
