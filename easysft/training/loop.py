@@ -141,11 +141,32 @@ def save_final_model(run: Run) -> None:
     """Gathering shards is a collective every rank joins; only rank 0 writes the model folder and the plot."""
     state_dict = run.engine.full_state_dict()
     if run.dist.is_main:
-        save_model_folder(run.engine.unwrapped_model(), run.tokenizer, run.output_dir, meta=run.model_meta(),
-                          state_dict=state_dict if getattr(run.engine, "gathers_state_dict", False) else None,
-                          # base weights trained too: the adapter alone would not be the model, save merged
-                          merge_lora=run.lora_cfg.enabled and not run.lora_cfg.only_optimize_lora)
+        try:
+            save_model_folder(run.engine.unwrapped_model(), run.tokenizer, run.output_dir, meta=run.model_meta(),
+                              state_dict=state_dict if getattr(run.engine, "gathers_state_dict", False) else None,
+                              # base weights trained too: the adapter alone would not be the model, save merged
+                              merge_lora=run.lora_cfg.enabled and not run.lora_cfg.only_optimize_lora)
+        except OSError as exc:  # e.g. a full disk: keep the finished training if at all possible
+            raise _final_save_failed(run, exc) from None
         run.metrics.close()
         plot_losses(Path(run.output_dir) / "metrics.jsonl", Path(run.output_dir) / "loss.png")
         print0(f"saved the model to {run.output_dir}")
     barrier()
+
+
+def _final_save_failed(run: Run, exc: OSError) -> TrainingError:
+    """The error for a final save that failed (its temporary folder is already gone). Single process: try a
+    resumable checkpoint of the finished run, so `--resume` writes the model later without training again."""
+    why = exc.strerror or str(exc)
+    saved = None
+    if run.dist.world_size == 1:
+        try:
+            saved = save_state(run, "final_save_failed")
+        except Exception:  # noqa: BLE001 -- the same full disk usually; the message says what is left
+            saved = None
+    if saved is not None:
+        return TrainingError(f"cannot write the model into {run.output_dir} ({why}); the finished run is saved in "
+                             f"{saved}: free space, then rerun the same command with --resume to write the model.")
+    return TrainingError(f"cannot write the model into {run.output_dir} ({why}) and no checkpoint could be saved; "
+                         "free space, then rerun with --overwrite_output_dir (or --resume from --save_steps "
+                         "checkpoints).")

@@ -535,3 +535,28 @@ def test_final_save_refuses_nonfinite_weights(tiny_model, tokenizer, tmp_path):
     with pytest.raises(TrainingError, match=r"not saving the model to .*: weight model\.norm\.weight holds NaN or inf"):
         save_model_folder(tiny_model, tokenizer, tmp_path / "out", meta={})
     assert not (tmp_path / "out").exists()
+
+
+def test_full_disk_at_the_final_save_keeps_the_run_and_resume_writes_the_model(tiny_model_dir, qa_data_dir, tmp_path,
+                                                                                capsys, monkeypatch):
+    import errno
+
+    import easysft.models.save as save_module
+
+    def disk_full(*args, **kwargs):  # the model folder's last file write runs out of space
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        patch.setattr(save_module, "write_json_atomic", disk_full)
+        code = train(tiny_model_dir, qa_data_dir, out, "--max_steps", "2")
+    line = assert_clean_failure(code, capsys, 6, r"cannot write the model into .*out \(No space left on device\); "
+                                                 r"the finished run is saved in .*: free space, then rerun the same "
+                                                 r"command with --resume")
+    assert not (out / "model.safetensors").exists() and not list(out.glob(".model-tmp-*"))  # nothing half-written
+    assert [(step, complete) for step, _, complete in checkpoint.list_checkpoints(out)] == [(2, True)], line
+    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert train(tiny_model_dir, qa_data_dir, out, "--max_steps", "2", "--resume") == 0  # no training step left
+    assert (out / "model.safetensors").is_file()
+    after = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert after == losses  # the resume trained nothing again
