@@ -74,7 +74,7 @@ DATA_CASES = {
     "empty_after_filtering": ("train.json", json.dumps([{"prompt": "q", "answer": ""}, {"prompt": "q", "answer": None},
                                                         {"prompt": "q", "answer": 1.5}] * 2), (),
                               r"no training sample left after filtering"),
-    "empty_file": ("train.json", "[]", (), r"train\.json"),
+    "empty_file": ("train.json", "[]", (), r"--data_path .*train\.json: no training rows found; add rows"),
 }
 
 
@@ -128,7 +128,8 @@ def test_folder_with_only_a_bert_config_is_refused(qa_data_dir, tmp_path, capsys
     BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37).save_pretrained(
         tmp_path / "bert")
     out = tmp_path / "out"
-    assert_clean_failure(train(tmp_path / "bert", qa_data_dir, out), capsys, MODEL, r"bert", out)
+    assert_clean_failure(train(tmp_path / "bert", qa_data_dir, out), capsys, MODEL,
+                         r"the tokenizer at .*bert has no EOS token; easysft needs one", out)
 
 
 def _save_with_tokenizer(model, tokenizer, folder):
@@ -159,7 +160,8 @@ def test_bert_encoder_checkpoint_is_refused(qa_data_dir, tokenizer, tmp_path, ca
                                                        num_attention_heads=2, intermediate_size=37)),
                                   tokenizer, tmp_path / "bert")
     out = tmp_path / "out"
-    assert_clean_failure(train(folder, qa_data_dir, out), capsys, MODEL, r"causal", out)
+    assert_clean_failure(train(folder, qa_data_dir, out), capsys, MODEL,
+                         r"bert \(bert\) (attends to later tokens: it is not a causal|is not a causal language model)", out)
 
 
 # ---- flags and output_dir ------------------------------------------------------------------------------------------
