@@ -131,9 +131,7 @@ def setup(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig, 
     output_dir = prepare_output_dir(train_cfg, dist)
     resume_path = checkpoint.find_resume_checkpoint(train_cfg.resume, output_dir) if train_cfg.resume else None
 
-    from transformers import set_seed
-
-    set_seed(train_cfg.seed)
+    seed_everything(train_cfg.seed)
     resolved = resolve_model_path(model_cfg.model_name_or_path)
     tokenizer = load_tokenizer(resolved.tokenizer_path, trust_remote_code=model_cfg.trust_remote_code)
     data = prepare_data(data_cfg, tokenizer, seed=train_cfg.seed, debug=train_cfg.debug, is_main=dist.is_main)
@@ -178,6 +176,19 @@ def setup(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig, 
         write_json_atomic(Path(output_dir) / "data_report.json", data.report)
     run.metrics = MetricsLogger(output_dir, enabled=dist.is_main, tensorboard=train_cfg.tensorboard)
     return run
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (CPU and every CUDA device), as ``transformers.set_seed`` does; importing that
+    one pulls in transformers' trainer and with it peft (5 s) before a data error could be reported."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
 
 
 def prepare_output_dir(train_cfg: TrainConfig, dist: DistInfo) -> str:

@@ -223,10 +223,15 @@ def test_corrupted_checkpoint_is_a_checkpoint_error_naming_the_file(tiny_model_d
 @pytest.mark.slow
 def test_real_process_prints_one_line_and_exits_3(tiny_model_dir, tmp_path):
     path = write(tmp_path / "data", "train.json", '[{"prompt": "a", "answer": "b"},\n {"prompt": "c" "answer": "d"}]')
-    proc = subprocess.run([sys.executable, "-m", "easysft", "train", "--data_path", str(path), "--model_name_or_path",
+    # The console script's code path, plus a last line naming the heavy modules it imported: a data error is
+    # found before any model loads, so peft (5 s) and deepspeed (2 s) must never be imported.
+    code = ("import sys; from easysft.cli import main; code = main(sys.argv[1:]); "
+            "print(sorted(m for m in ('peft', 'deepspeed') if m in sys.modules)); sys.exit(code)")
+    proc = subprocess.run([sys.executable, "-c", code, "train", "--data_path", str(path), "--model_name_or_path",
                            tiny_model_dir, "--output_dir", str(tmp_path / "out")], capture_output=True, text=True,
                           env=os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}, timeout=300)
     assert proc.returncode == DATA
+    assert proc.stdout.strip().endswith("[]"), proc.stdout[-500:]
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("easysft: error:")]
     assert len(errors) == 1 and re.search(r"train\.json:2\b", errors[0])
