@@ -78,11 +78,11 @@ def evaluate_saved_model(model_cfg, data_cfg_values: dict, eval_cfg) -> EvalResu
     """`easysft eval`: perplexity of a saved model (full, adapter, hub id or bundled) on a split of the data.
 
     ``data_cfg_values`` are the DataConfig flags the user typed; the template and max lengths saved with the
-    model fill the rest (easysft/models/meta.py, the one settings rule). Raises ConfigError on an empty split.
+    model fill the rest (easysft/models/meta.py, the one settings rule). Raises DataError on an empty split.
     """
     from easysft.config import DataConfig, from_flat_dict
     from easysft.data.dataset import prepare_data
-    from easysft.errors import ConfigError
+    from easysft.errors import DataError
     from easysft.models.load import load_model, load_tokenizer, resolve_model_path
     from easysft.models.meta import resolve_settings
 
@@ -95,7 +95,8 @@ def evaluate_saved_model(model_cfg, data_cfg_values: dict, eval_cfg) -> EvalResu
     data = prepare_data(data_cfg, tokenizer, seed=eval_cfg.seed)
     samples = data.eval if eval_cfg.split == "eval" else data.train
     if not samples:
-        raise ConfigError(f"the {eval_cfg.split} split has no sample to evaluate.")
+        raise DataError(f"--data_path {', '.join(data_cfg.data_path)}: the {eval_cfg.split} split has no sample to "
+                        "evaluate; add rows to it (or pick another --split).")
     model = load_model(resolved.path, dtype=eval_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code,
                        adapter_path=resolved.adapter_path)
     return evaluate(model, samples, batch_size=eval_cfg.per_device_eval_batch_size,

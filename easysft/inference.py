@@ -12,13 +12,13 @@ Pipeline (every rank runs it; only rank 0 writes):
 from __future__ import annotations
 
 import csv
-import inspect
 import json
 import os
 import sys
 from dataclasses import dataclass
 
 from easysft.config import DataConfig, InferConfig, ModelConfig
+from easysft.config.paths import check_output_file
 from easysft.errors import ConfigError, DataError
 from easysft.files import atomic_open
 
@@ -36,15 +36,12 @@ class InferResult:
     seconds: float
 
 
-def load_split(data_cfg: DataConfig, split: str, seed: int) -> list:
-    """Rows of ``split`` through :func:`easysft.data.sources.load_examples`, passing only the options it takes."""
+def load_split(data_cfg: DataConfig, split: str, seed: int, skipped: list | None = None) -> list:
+    """Rows of ``split`` through :func:`easysft.data.sources.load_examples`; rows it drops go to ``skipped``."""
     from easysft.data.sources import load_examples
 
-    options = {"data_split": data_cfg.data_split, "eval_fraction": data_cfg.eval_fraction, "seed": seed}
-    params = inspect.signature(load_examples).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        options = {k: v for k, v in options.items() if k in params}
-    return load_examples(data_cfg.data_path, split=split, **options)
+    return load_examples(data_cfg.data_path, split=split, data_split=data_cfg.data_split,
+                         eval_fraction=data_cfg.eval_fraction, seed=seed, skipped=skipped)
 
 
 def write_predictions(path: str, rows: list[dict], output_format: str) -> None:
@@ -76,15 +73,24 @@ def run_inference(model_cfg: ModelConfig, data_cfg: DataConfig, infer_cfg: Infer
 
     if not data_cfg.data_path:
         raise ConfigError("--data_path is required: a data folder, file or dataset to generate answers for.")
+    check_output_file(infer_cfg.inference_output_path, flag="--inference_output_path")  # before any generation
+    limit_flag, other_flag = (("max_eval_rows", "max_train_rows") if infer_cfg.split == "eval"
+                              else ("max_train_rows", "max_eval_rows"))
+    if getattr(data_cfg, other_flag) is not None:
+        raise ConfigError(f"--{other_flag} limits the {other_flag[4:-5]} split, but infer reads --split "
+                          f"{infer_cfg.split}: use --{limit_flag} instead.")
     dist = DistInfo.from_env()
     init_process_group(dist)
     resolved = resolve_model_path(model_cfg.model_name_or_path)
     tokenizer = load_tokenizer(resolved.tokenizer_path, trust_remote_code=model_cfg.trust_remote_code)
     settings = G.resolve_settings(resolved.meta, tokenizer, given)
 
-    examples = load_split(data_cfg, infer_cfg.split, infer_cfg.seed)
+    unreadable: list = []  # rows the reader dropped (broken JSON line, missing column): counted in the note
+    examples = load_split(data_cfg, infer_cfg.split, infer_cfg.seed, skipped=unreadable)
     if infer_cfg.debug:
         examples = examples[:DEBUG_ROWS]
+    if getattr(data_cfg, limit_flag) is not None:
+        examples = examples[: getattr(data_cfg, limit_flag)]
     prompts, kept = [], []
     for example in examples:
         # A row without a usable prompt cannot be rendered; the answer may be missing (nothing to compare).
@@ -94,7 +100,7 @@ def run_inference(model_cfg: ModelConfig, data_cfg: DataConfig, infer_cfg: Infer
             kept.append(example)
     if not prompts:
         raise DataError(f"{data_cfg.data_path}: split {infer_cfg.split!r} has no row with a non-empty prompt.")
-    skipped = len(examples) - len(kept)
+    skipped = len(examples) - len(kept) + len(unreadable)
 
     def start_progress(num_prompts: int) -> G.Progress:
         # Started after the model loads so its own loading bars do not interleave with ours.
@@ -144,7 +150,8 @@ def run_inference(model_cfg: ModelConfig, data_cfg: DataConfig, infer_cfg: Infer
         ]
         write_predictions(infer_cfg.inference_output_path, rows, infer_cfg.output_format)
         result.output_path = infer_cfg.inference_output_path
-        note = f" ({skipped} rows without a prompt skipped)" if skipped else ""
+        first = f"; first: {unreadable[0].location} {unreadable[0].reason}" if unreadable else ""
+        note = f" ({skipped} rows skipped: unreadable or without a prompt{first})" if skipped else ""
         print(f"easysft: wrote {len(rows)} predictions to {infer_cfg.inference_output_path}{note}",
               file=sys.stderr)
     return result

@@ -91,6 +91,11 @@ def load_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
             tensors.update(load_file(str(file), device="cpu"))
         except Exception as exc:  # noqa: BLE001 -- safetensors raises its own error type for damaged files
             raise CheckpointError(f"checkpoint file {file} is corrupted: {str(exc).splitlines()[0]}") from None
+    # Bytes flipped inside a tensor keep the file's size and header valid; NaN/inf weights are the usual trace.
+    bad = next((name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {folder} is corrupted: tensor {bad} holds NaN or inf values; resume "
+                              "from an earlier checkpoint (--resume PATH).")
     return tensors
 
 

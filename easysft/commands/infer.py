@@ -24,6 +24,7 @@ def run(values: dict) -> int:
     model_cfg = from_flat_dict(ModelConfig, values)
     data_cfg = from_flat_dict(DataConfig, values)
     infer_cfg = from_flat_dict(InferConfig, values)
+    from_flat_dict(GenerateConfig, values)  # bad sampling flags fail here, before the model loads
 
     from easysft.inference import run_inference
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from easysft.config import DataConfig, ModelConfig, PrepareConfig, add_dataclass_flags, from_flat_dict
+from easysft.config.paths import check_output_folder
 
 
 def add_arguments(parser) -> None:
@@ -23,6 +24,8 @@ def run(values: dict) -> int:
     model_cfg = from_flat_dict(ModelConfig, values)
     data_cfg = from_flat_dict(DataConfig, values)
     prepare_cfg = from_flat_dict(PrepareConfig, values)
+    if prepare_cfg.output_dir:  # only data_report.json is written there: a used folder (a run's output) is fine
+        check_output_folder(prepare_cfg.output_dir, may_be_used=True)
 
     from easysft.data.dataset import prepare_data
     from easysft.data.report import format_report, write_report

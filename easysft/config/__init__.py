@@ -31,6 +31,7 @@ from easysft.config.generation import (
 )
 from easysft.config.inputs import DataConfig, ModelConfig, parse_data_split
 from easysft.config.training import LoraConfig, TrainConfig
+from easysft.config.values import check_seed, convert_value, normalise_fields
 from easysft.dtypes import DTYPES
 
 # One name per line: engineers add configs in parallel, and single-line additions merge cleanly.
@@ -52,8 +53,11 @@ __all__ = [
     "RESUME_SENSITIVE",
     "TrainConfig",
     "add_dataclass_flags",
+    "check_seed",
+    "convert_value",
     "from_flat_dict",
     "load_yaml_config",
+    "normalise_fields",
     "parse_bool",
     "parse_data_split",
     "pick_fields",

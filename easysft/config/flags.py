@@ -39,7 +39,10 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, *config_classes: type, 
             seen.add(f.name)
             meta = dict(f.metadata)
             meta.pop(RESUME_SENSITIVE, None)
-            kwargs: dict[str, Any] = {"help": meta.pop("help", None), "default": argparse.SUPPRESS}
+            help_text = meta.pop("help", None)
+            # argparse %-formats help texts: a literal '%' ("45% less memory") would crash `--help`.
+            kwargs: dict[str, Any] = {"help": help_text.replace("%", "%%") if help_text else help_text,
+                                      "default": argparse.SUPPRESS}
             ftype = _field_type(f)
             if ftype.startswith("bool"):
                 kwargs.update(type=parse_bool, nargs="?", const=True, metavar="BOOL")

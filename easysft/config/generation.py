@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from easysft.config.fields import BACKENDS, _help
+from easysft.config.values import normalise_fields
 from easysft.dtypes import DTYPES
 from easysft.errors import ConfigError
 
@@ -22,6 +23,7 @@ class GenerateConfig:
     num_beams: int = field(default=1, metadata=_help("Beam search width."))
 
     def __post_init__(self) -> None:
+        normalise_fields(self)
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ConfigError(f"--max_new_tokens must be at least 1, got {self.max_new_tokens}.")
         if self.temperature <= 0 and self.do_sample:
@@ -30,6 +32,10 @@ class GenerateConfig:
             raise ConfigError(f"--num_beams must be at least 1, got {self.num_beams}.")
         if self.repetition_penalty <= 0:
             raise ConfigError(f"--repetition_penalty must be positive, got {self.repetition_penalty}.")
+        if self.top_k < 0:
+            raise ConfigError(f"--top_k must be 0 (off) or a positive number of tokens, got {self.top_k}.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"--top_p must be in (0, 1], got {self.top_p}.")
 
 
 @dataclass
@@ -54,6 +60,7 @@ class InferConfig:
     )
 
     def __post_init__(self) -> None:
+        normalise_fields(self)
         if self.split not in ("eval", "train"):
             raise ConfigError(f"--split must be 'eval' or 'train', got {self.split!r}.")
         if self.output_format not in ("csv", "jsonl"):
@@ -78,6 +85,7 @@ class EvalConfig:
     dtype: str = field(default="fp32", metadata=_help("fp32, bf16 or fp16."))
 
     def __post_init__(self) -> None:
+        normalise_fields(self)
         if self.split not in ("eval", "train"):
             raise ConfigError(f"--split must be 'eval' or 'train', got {self.split!r}.")
         if self.per_device_eval_batch_size < 1:
@@ -96,6 +104,7 @@ class ExportConfig:
     overwrite_output_dir: bool = field(default=False, metadata=_help("Allow writing into a non-empty folder."))
 
     def __post_init__(self) -> None:
+        normalise_fields(self)
         if not self.output_dir:
             raise ConfigError("--output_dir is required: the folder to write the exported model into.")
         if self.dtype not in DTYPES:
@@ -119,6 +128,7 @@ class ChatConfig:
     seed: int = field(default=1234, metadata=_help("Sampling seed."))
 
     def __post_init__(self) -> None:
+        normalise_fields(self)
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype {self.dtype!r} is unknown; choose one of: {', '.join(DTYPES)}.")
         for name in ("max_prompt_len", "max_ans_len"):
@@ -134,3 +144,6 @@ class PrepareConfig:
     seed: int = field(default=1234, metadata=_help("Seed for the eval hold-out and --data_split."))
     debug: bool = field(default=False, metadata=_help("Only the first 64 train / 32 eval rows (as train --debug)."))
     output_dir: str | None = field(default=None, metadata=_help("Also write data_report.json into this folder."))
+
+    def __post_init__(self) -> None:
+        normalise_fields(self)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from easysft.config.fields import _help
+from easysft.config.values import normalise_fields
 from easysft.errors import ConfigError
 
 
@@ -25,6 +26,7 @@ class ModelConfig:
     )
 
     def __post_init__(self) -> None:
+        normalise_fields(self)
         if not self.model_name_or_path:
             raise ConfigError("--model_name_or_path is empty: give a folder, a hub id, or 'bundled'.")
 
@@ -74,6 +76,7 @@ class DataConfig:
     max_eval_rows: int | None = field(default=None, metadata=_help("Use at most this many eval rows."))
 
     def __post_init__(self) -> None:
+        normalise_fields(self)
         if isinstance(self.data_path, str):
             self.data_path = [self.data_path]
         if self.max_prompt_len is None or self.max_prompt_len < 1:

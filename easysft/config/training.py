@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from easysft.config.fields import ENGINES, LR_SCHEDULERS, _help
+from easysft.config.values import normalise_fields
 from easysft.dtypes import DTYPES
 from easysft.errors import ConfigError
 
@@ -29,6 +30,7 @@ class LoraConfig:
     )
 
     def __post_init__(self) -> None:
+        normalise_fields(self)
         if self.lora_dim < 0:
             raise ConfigError(f"--lora_dim must be 0 (off) or a positive rank, got {self.lora_dim}.")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -105,6 +107,7 @@ class TrainConfig:
     tensorboard: bool = field(default=True, metadata=_help("Write TensorBoard event files."))
 
     def __post_init__(self) -> None:
+        normalise_fields(self)
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) is None or getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}.")

@@ -17,10 +17,11 @@ says how many rows were skipped by which reason.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 
 from easysft.data import cache
-from easysft.data.report import SourceStats, SplitStats, build_report
+from easysft.data.report import SourceStats, SplitStats, build_report, data_notices
 from easysft.data.sources import (
     SkippedRow,
     SourceSplit,
@@ -182,4 +183,7 @@ def prepare_data(data_cfg, tokenizer, *, seed: int = 1234, debug: bool = False, 
                             "set --cache_dir (or $EASYSFT_DATA_CACHE) to a writable folder.") from None
         entry = cache.CacheEntry(train, evals, report, path)
     report = {**entry.report, "cache": {"hit": hit, "key": key, "path": entry.path}}
+    if is_main:
+        for notice in data_notices(report):
+            print(notice, file=sys.stderr, flush=True)
     return PreparedData(entry.train, entry.eval, report, template)

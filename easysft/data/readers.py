@@ -225,17 +225,34 @@ def _load_table(path: str):
 
 
 def _csv_header(path: str) -> list[str]:
+    """The header of a CSV file, after checking every row: a row with the wrong number of fields is a DataError
+    naming ``file:line`` (pandas would report a generic parser error without the line), and so is a header with
+    no row below it."""
     import csv
 
     try:
         with open(path, encoding="utf-8-sig", newline="") as handle:
-            header = next(csv.reader(handle), None)
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            if not header:
+                raise DataError(f"{path}: the CSV file is empty; its first line must name the columns "
+                                "(prompt,answer).")
+            rows, line = 0, reader.line_num
+            for row in reader:
+                if row:  # a blank line is skipped, as pandas does
+                    rows += 1
+                    if len(row) != len(header):
+                        raise DataError(
+                            f"{path}:{line + 1}: {len(row)} field(s) but the header names {len(header)} "
+                            f"({','.join(header)}); fix the line (quote a field holding a comma or a line break)."
+                        )
+                line = reader.line_num
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text (bad byte at offset {exc.start}); re-save it as UTF-8.") from None
     except (OSError, csv.Error) as exc:
-        raise DataError(f"{path}: cannot read the CSV header ({exc}); check the file.") from None
-    if not header:
-        raise DataError(f"{path}: the CSV file is empty; its first line must name the columns (prompt,answer).")
+        raise DataError(f"{path}: cannot read it as CSV ({exc}); check the file.") from None
+    if not rows:
+        raise DataError(f"{path}: the CSV file has a header ({','.join(header)}) but no rows; add rows below it.")
     return header
 
 

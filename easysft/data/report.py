@@ -191,6 +191,25 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def data_notices(report: dict) -> list[str]:
+    """One console line per thing in ``report`` a user must hear about even when the run succeeds: rows skipped
+    (e.g. a file mixing two layouts: the layout read from ALL columns fits only some rows), and no eval sample
+    (training then runs without any evaluation)."""
+    notices = []
+    for split in ("train", "eval"):
+        s = report[split]
+        if s["skipped_total"]:
+            layouts = ", ".join(sorted({src["layout"] for src in report["sources"]}))
+            first = "; ".join(f"first {r}: {w}" for r, w in s["first_skipped"].items())
+            notices.append(f"easysft: note: {s['skipped_total']} of {s['rows']} {split} rows skipped "
+                           f"({_skip_text(s)}; layout {layouts}; {first}); see data_report.json.")
+    if report["eval"]["kept"] == 0:
+        origins = "; ".join(src["eval_origin"] for src in report["sources"])
+        notices.append(f"easysft: note: no eval sample ({origins}): no evaluation will run; add an eval.json "
+                       "or more rows (a single file holds out --eval_fraction of its rows, at least 1 of 2+).")
+    return notices
+
+
 def write_report(report: dict, path: str) -> str:
     """Write ``report`` as JSON to ``path`` (a file, or a folder that gets ``data_report.json``); return the file."""
     if os.path.isdir(path) or path.endswith(os.sep):

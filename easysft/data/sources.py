@@ -99,16 +99,32 @@ def _split_files(folder: str) -> dict[str, str] | None:
     """``{"train": path, "eval": path?}`` for a folder in the original layout, or None."""
     found: dict[str, str] = {}
     for split in SPLITS:
+        for ext in (".json", ".jsonl"):
+            _check_regular_file(os.path.join(folder, f"{split}{ext}"))
         names = [f"{split}{ext}" for ext in (".json", ".jsonl") if os.path.isfile(os.path.join(folder, f"{split}{ext}"))]
         if len(names) > 1:
             raise DataError(f"{folder}: holds both {names[0]} and {names[1]}; keep one of them.")
         if names:
             found[split] = os.path.join(folder, names[0])
+    if "eval" in found and "train" not in found:
+        # Loading this folder as a generic dataset would train on the eval rows.
+        raise DataError(f"{folder}: holds {os.path.basename(found['eval'])} but no train.json or train.jsonl; add "
+                        "the training rows as train.json (or pass a data file itself).")
     return found if "train" in found else None
+
+
+def _check_regular_file(path: str) -> None:
+    """DataError for a path that exists but is no regular file (a device such as /dev/zero, a pipe, a broken
+    link): reading one would hang, never end, or fail late."""
+    if os.path.lexists(path) and not os.path.isfile(path) and not os.path.isdir(path):
+        target = os.path.realpath(path)
+        shown = f"{path} (-> {target})" if target != os.path.abspath(path) else path
+        raise DataError(f"{shown}: not a regular file (a device, pipe or broken link); give a real data file.")
 
 
 def source_kind(path: str) -> str:
     """'folder' | 'file' | 'saved' | 'hub' (see the module docstring); DataError for a missing local path."""
+    _check_regular_file(path)
     if os.path.isdir(path):
         if _split_files(path):
             return "folder"
@@ -163,10 +179,14 @@ def _hash_file(path: str, digest) -> None:
 
 def _read_file(path: str) -> list[RawRecord]:
     lower = path.lower()
-    if lower.endswith(".jsonl"):
-        return read_jsonl_file(path)
-    if lower.endswith(".json"):
-        return read_json_file(path)
+    try:
+        if lower.endswith(".jsonl"):
+            return read_jsonl_file(path)
+        if lower.endswith(".json"):
+            return read_json_file(path)
+    except RecursionError:  # json's decoder recurses once per nesting level
+        raise DataError(f"{path}: JSON nested too deeply to read (thousands of levels); a row must be a flat "
+                        'object such as {"prompt": "...", "answer": "..."}.') from None
     return read_table_file(path)
 
 
@@ -282,12 +302,14 @@ def strict_error(skipped: SkippedRow) -> DataError:
 
 
 def load_examples(data_path, split: str = "train", *, eval_fraction: float = 0.05, seed: int = 1234,
-                  data_split: str = "10,0,0", multi_turn: bool = False, strict: bool = False) -> list[Example]:
+                  data_split: str = "10,0,0", multi_turn: bool = False, strict: bool = False,
+                  skipped: list[SkippedRow] | None = None) -> list[Example]:
     """The examples of ``split`` ('train' or 'eval') of one or more sources, in ``data_path`` order.
 
     Rows that cannot make an example are dropped (``strict=True``: the first one raises DataError naming its
     ``file:line`` or dataset row and the reason). Values are not validated here: a null or numeric answer
-    reaches :func:`~easysft.data.tokenize.tokenize_example`, which skips it.
+    reaches :func:`~easysft.data.tokenize.tokenize_example`, which skips it. Dropped rows are appended to
+    ``skipped`` when a list is given (so a caller can count and name them).
     """
     if split not in SPLITS:
         raise ConfigError(f"split {split!r} is unknown; choose 'train' or 'eval'.")
@@ -301,6 +323,8 @@ def load_examples(data_path, split: str = "train", *, eval_fraction: float = 0.0
             if isinstance(row, SkippedRow):
                 if strict:
                     raise strict_error(row)
+                if skipped is not None:
+                    skipped.append(row)
                 continue
             out.append(row)
     return out

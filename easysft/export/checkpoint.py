@@ -15,20 +15,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from easysft.config import ExportConfig, ModelConfig
+from easysft.config.paths import check_output_folder
 from easysft.errors import ConfigError
 
 
 def check_output_dir(model_cfg: ModelConfig, export_cfg: ExportConfig) -> Path:
     """The output folder, refused before anything loads when it is a file, the source itself, or used."""
     out = Path(export_cfg.output_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--output_dir {export_cfg.output_dir} is a file; give a folder path.")
     source = Path(model_cfg.model_name_or_path).expanduser()
     if source.is_dir() and out.is_dir() and source.resolve() == out.resolve():
         raise ConfigError("--output_dir is the --model_name_or_path folder; export into a different folder.")
-    if out.is_dir() and any(out.iterdir()) and not export_cfg.overwrite_output_dir:
-        raise ConfigError(f"--output_dir {export_cfg.output_dir} is not empty; pass --overwrite_output_dir to replace it.")
-    return out
+    return check_output_folder(export_cfg.output_dir, may_be_used=export_cfg.overwrite_output_dir)
 
 
 def load_for_export(model_cfg: ModelConfig, merge: bool):

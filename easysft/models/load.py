@@ -29,8 +29,41 @@ class ResolvedModel:
     meta: dict  # contents of easysft.json (template, max lengths, generation defaults) or {}
 
 
-def resolve_model_path(name_or_path: str) -> ResolvedModel:
-    """Map ``--model_name_or_path`` to concrete locations; raise a one-line ModelError when it cannot exist."""
+def _read_json_file(path: Path) -> dict:
+    """A JSON object from ``path``; ModelError naming the file when it is unreadable or not an object."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            value = json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: not valid JSON ({str(exc).splitlines()[0]}); restore the file or re-save the "
+                         "model.") from None
+    if not isinstance(value, dict):
+        raise ModelError(f"{path}: must hold a JSON object; restore the file or re-save the model.")
+    return value
+
+
+def check_weight_files(folder: str | Path) -> None:
+    """ModelError naming the file when a local ``*.safetensors`` file is truncated or its header is damaged
+    (checked by opening each one: the header and the data size must agree), before any loading starts."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                handle.keys()
+        except Exception as exc:  # noqa: BLE001 -- safetensors raises its own error type for damaged files
+            raise ModelError(f"{file}: truncated or corrupted weights file ({str(exc).splitlines()[0]}); "
+                             "re-save or re-download the model.") from None
+
+
+def resolve_model_path(name_or_path: str, _adapters: tuple[Path, ...] = ()) -> ResolvedModel:
+    """Map ``--model_name_or_path`` to concrete locations; raise a one-line ModelError when it cannot exist.
+
+    ``_adapters``: the adapter folders already followed (an adapter whose base is itself would recurse forever).
+    """
     from easysft.models.bundled import BUNDLED_NAME, bundled_checkpoint_dir
 
     if name_or_path == BUNDLED_NAME:
@@ -42,11 +75,21 @@ def resolve_model_path(name_or_path: str) -> ResolvedModel:
             raise ModelError(f"--model_name_or_path {name_or_path}: is a file; give a checkpoint folder.")
         meta = read_meta(folder)
         if (folder / "adapter_config.json").is_file():
-            with open(folder / "adapter_config.json", encoding="utf-8") as handle:
-                base = json.load(handle).get("base_model_name_or_path")
-            if not base:
-                raise ModelError(f"{folder}/adapter_config.json names no base_model_name_or_path.")
-            base_resolved = resolve_model_path(base)
+            config_file = folder / "adapter_config.json"
+            base = _read_json_file(config_file).get("base_model_name_or_path")
+            if not base or not isinstance(base, str):
+                raise ModelError(f"{config_file} names no base_model_name_or_path.")
+            chain = (*_adapters, folder.resolve())
+            base_folder = Path(base).expanduser()
+            if base_folder.exists() and base_folder.resolve() in chain:
+                raise ModelError(f"{config_file}: base_model_name_or_path {base} leads back to the adapter itself; "
+                                 "set it to the base model's folder or hub id.")
+            first = _adapters[0] if _adapters else folder
+            if not base_folder.exists() and base.startswith((".", "/", "~")):
+                raise ModelError(f"--model_name_or_path {first if _adapters else name_or_path}: the adapter's base "
+                                 f"model {base} (base_model_name_or_path in {config_file}) no longer exists; "
+                                 "restore it or edit that file.")
+            base_resolved = resolve_model_path(base, chain)
             tokenizer_path = str(folder) if (folder / "tokenizer_config.json").is_file() else base_resolved.path
             return ResolvedModel(base_resolved.path, tokenizer_path, str(folder), meta)
         if not (folder / "config.json").is_file():
@@ -66,8 +109,7 @@ def read_meta(folder: str | Path) -> dict:
     path = Path(folder) / EASYSFT_META
     if not path.is_file():
         return {}
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+    return _read_json_file(path)
 
 
 def load_tokenizer(path: str, *, trust_remote_code: bool = False):
@@ -95,6 +137,9 @@ def load_model(
     """A causal LM in ``dtype`` (CPU; the engine moves it). With ``adapter_path``, the PEFT adapter on top."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    check_weight_files(path)
+    if adapter_path is not None:
+        check_weight_files(adapter_path)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:

@@ -30,6 +30,7 @@ def save_model_folder(
     Existing files of the same names in ``output_dir`` are replaced; other files (metrics, logs) are kept.
     """
     output_dir = Path(output_dir)
+    check_finite(state_dict if state_dict is not None else model.state_dict(), output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".model-tmp-", dir=output_dir))
     try:
@@ -59,6 +60,18 @@ def save_model_folder(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return output_dir
+
+
+def check_finite(state_dict: dict, output_dir: Path) -> None:
+    """TrainingError when any floating-point weight is NaN or inf: such a model must never be written."""
+    import torch
+
+    from easysft.errors import TrainingError
+
+    for name, tensor in state_dict.items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise TrainingError(f"not saving the model to {output_dir}: weight {name} holds NaN or inf values; "
+                                "lower --learning_rate or check the data, then rerun (or --resume from a checkpoint).")
 
 
 def _drop_tied_output(model, state_dict: dict) -> dict:

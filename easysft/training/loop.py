@@ -20,7 +20,7 @@ from easysft.metrics import plot_losses
 from easysft.models.save import save_model_folder
 from easysft.testing_hooks import maybe_fail
 from easysft.training import signals
-from easysft.training.run import Run, TrainResult, setup
+from easysft.training.run import Run, TrainResult, output_lock, setup
 from easysft.training.status import RunStatus
 from easysft.training.step import StepRecord, train_step
 
@@ -30,16 +30,17 @@ __all__ = ["TrainResult", "train"]
 def train(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig, lora_cfg: LoraConfig | None = None,
           gen_cfg: GenerateConfig | None = None) -> TrainResult:
     """Fine-tune ``model_cfg``'s model on ``data_cfg``'s data; write the model and logs to ``output_dir``."""
-    run = setup(model_cfg, data_cfg, train_cfg, lora_cfg or LoraConfig(), gen_cfg or GenerateConfig())
-    status = RunStatus(run.output_dir, enabled=run.dist.is_main)  # run_status.json, read by the dashboard
-    status.write("running")
-    try:
-        result = _train_loop(run, train_cfg)
-    except BaseException as exc:
-        status.stopped(exc)
-        raise
-    status.write("finished")
-    return result
+    with output_lock(train_cfg):  # a second run into the same output_dir fails at once (training/run.py)
+        run = setup(model_cfg, data_cfg, train_cfg, lora_cfg or LoraConfig(), gen_cfg or GenerateConfig())
+        status = RunStatus(run.output_dir, enabled=run.dist.is_main)  # run_status.json, read by the dashboard
+        status.write("running")
+        try:
+            result = _train_loop(run, train_cfg)
+        except BaseException as exc:
+            status.stopped(exc)
+            raise
+        status.write("finished")
+        return result
 
 
 def _train_loop(run: Run, train_cfg: TrainConfig) -> TrainResult:
@@ -149,11 +150,32 @@ def save_final_model(run: Run) -> None:
     """Gathering shards is a collective every rank joins; only rank 0 writes the model folder and the plot."""
     state_dict = run.engine.full_state_dict()
     if run.dist.is_main:
-        save_model_folder(run.engine.unwrapped_model(), run.tokenizer, run.output_dir, meta=run.model_meta(),
-                          state_dict=state_dict if getattr(run.engine, "gathers_state_dict", False) else None,
-                          # base weights trained too: the adapter alone would not be the model, save merged
-                          merge_lora=run.lora_cfg.enabled and not run.lora_cfg.only_optimize_lora)
+        try:
+            save_model_folder(run.engine.unwrapped_model(), run.tokenizer, run.output_dir, meta=run.model_meta(),
+                              state_dict=state_dict if getattr(run.engine, "gathers_state_dict", False) else None,
+                              # base weights trained too: the adapter alone would not be the model, save merged
+                              merge_lora=run.lora_cfg.enabled and not run.lora_cfg.only_optimize_lora)
+        except OSError as exc:  # e.g. a full disk: keep the finished training if at all possible
+            raise _final_save_failed(run, exc) from None
         run.metrics.close()
         plot_losses(Path(run.output_dir) / "metrics.jsonl", Path(run.output_dir) / "loss.png")
         print0(f"saved the model to {run.output_dir}")
     barrier()
+
+
+def _final_save_failed(run: Run, exc: OSError) -> TrainingError:
+    """The error for a final save that failed (its temporary folder is already gone). Single process: try a
+    resumable checkpoint of the finished run, so `--resume` writes the model later without training again."""
+    why = exc.strerror or str(exc)
+    saved = None
+    if run.dist.world_size == 1:
+        try:
+            saved = save_state(run, "final_save_failed")
+        except Exception:  # noqa: BLE001 -- the same full disk usually; the message says what is left
+            saved = None
+    if saved is not None:
+        return TrainingError(f"cannot write the model into {run.output_dir} ({why}); the finished run is saved in "
+                             f"{saved}: free space, then rerun the same command with --resume to write the model.")
+    return TrainingError(f"cannot write the model into {run.output_dir} ({why}) and no checkpoint could be saved; "
+                         "free space, then rerun with --overwrite_output_dir (or --resume from --save_steps "
+                         "checkpoints).")

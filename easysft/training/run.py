@@ -8,10 +8,12 @@ wraps the model, and the resume last (it needs the engine's optimizer).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import torch
 
 from easysft import checkpoint
 from easysft.config import DataConfig, GenerateConfig, LoraConfig, ModelConfig, TrainConfig, to_jsonable
+from easysft.config.paths import check_output_folder, output_folder_lock
 from easysft.data.batching import materialise, plan_epoch, plan_packed_epoch
 from easysft.data.collate import collate, pack
 from easysft.data.dataset import PreparedData, prepare_data
@@ -33,6 +36,7 @@ from easysft.models.load import load_model, load_tokenizer, resolve_model_path
 from easysft.testing_hooks import TestingHooks, testing_hooks
 
 DEBUG_MAX_STEPS = 8
+DEFAULT_OUTPUT_DIR = "easysft-output"
 
 
 @dataclass
@@ -127,9 +131,7 @@ def setup(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig, 
     output_dir = prepare_output_dir(train_cfg, dist)
     resume_path = checkpoint.find_resume_checkpoint(train_cfg.resume, output_dir) if train_cfg.resume else None
 
-    from transformers import set_seed
-
-    set_seed(train_cfg.seed)
+    seed_everything(train_cfg.seed)
     resolved = resolve_model_path(model_cfg.model_name_or_path)
     tokenizer = load_tokenizer(resolved.tokenizer_path, trust_remote_code=model_cfg.trust_remote_code)
     data = prepare_data(data_cfg, tokenizer, seed=train_cfg.seed, debug=train_cfg.debug, is_main=dist.is_main)
@@ -176,17 +178,24 @@ def setup(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig, 
     return run
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (CPU and every CUDA device), as ``transformers.set_seed`` does; importing that
+    one pulls in transformers' trainer and with it peft (5 s) before a data error could be reported."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
 def prepare_output_dir(train_cfg: TrainConfig, dist: DistInfo) -> str:
     """Validate ``--output_dir``: not a file; a used folder only with --overwrite_output_dir or --resume."""
-    output_dir = train_cfg.output_dir or "easysft-output"
-    path = Path(output_dir)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"--output_dir {output_dir} is a file; give a folder path.")
-    if path.is_dir() and any(path.iterdir()) and not (train_cfg.overwrite_output_dir or train_cfg.resume):
-        raise ConfigError(
-            f"--output_dir {output_dir} is not empty (another run's files?); pass --overwrite_output_dir to "
-            "replace it or --resume to continue that run."
-        )
+    output_dir = train_cfg.output_dir or DEFAULT_OUTPUT_DIR
+    path = check_output_folder(output_dir, may_be_used=bool(train_cfg.overwrite_output_dir or train_cfg.resume),
+                               used_hint="pass --overwrite_output_dir to replace it or --resume to continue that run")
     if dist.is_main:
         path.mkdir(parents=True, exist_ok=True)
         if train_cfg.overwrite_output_dir and not train_cfg.resume:
@@ -196,6 +205,24 @@ def prepare_output_dir(train_cfg: TrainConfig, dist: DistInfo) -> str:
             checkpoint.remove_all(path)
     barrier()
     return output_dir
+
+
+@contextlib.contextmanager
+def output_lock(train_cfg: TrainConfig) -> Iterator[None]:
+    """Rank 0 holds a lock on the output folder for the whole run (easysft/config/paths.py): a second run into
+    the same folder fails at once instead of interleaving metrics and checkpoints. A folder this call created and
+    the run left empty (it failed before writing) is removed again, so a bad input leaves nothing behind."""
+    path = Path(train_cfg.output_dir or DEFAULT_OUTPUT_DIR).expanduser()
+    if int(os.environ.get("RANK", "0")) != 0 or (path.exists() and not path.is_dir()):
+        yield  # other ranks share rank 0's folder; a file is refused by prepare_output_dir with its own line
+        return
+    created = not path.exists()
+    try:
+        with output_folder_lock(path):
+            yield
+    finally:
+        if created and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
 
 
 def render_sample(tokenizer, sample: dict) -> str:

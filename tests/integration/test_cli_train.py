@@ -71,11 +71,26 @@ def test_bad_flags_are_one_line_errors(qa_data_dir, tmp_path, capsys, flags, mes
 
 
 def test_help_lists_commands_without_heavy_imports():
-    code = ("import sys; from easysft.cli import main; main(['--help']); main(['train', '--help']) if False else 0;"
+    code = ("import sys; from easysft.cli import main; main(['--help']);"
             "print(sorted(m for m in ('torch', 'transformers', 'peft', 'deepspeed') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "train" in out and "infer" in out and "chat" in out
     assert out.strip().endswith("[]"), out
+
+
+def test_train_help_and_flag_errors_do_not_import_torch():
+    """`train --help` and a flag error import nothing heavy (the data-error case: test_bad_input.py's real-process
+    test, which also checks that peft and deepspeed stay unimported)."""
+    code = (
+        "import sys, contextlib, io\n"
+        "from easysft.cli import main\n"
+        "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()): main(['train', '--help'])\n"
+        "print('exit', main(['train', '--data_path', 'x', '--learning_rate', 'nan']),"
+        " sorted(m for m in ('torch', 'transformers', 'peft', 'deepspeed') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "exit 2 []" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    assert "--learning_rate must be a finite number" in proc.stderr
 
 
 def test_eval_command_prints_one_json_line(tiny_model_dir, qa_data_dir, capsys):
