@@ -256,22 +256,22 @@ def to_rows(split: SourceSplit, multi_turn: bool = False) -> list[Example | Skip
     """Records -> examples through the split's layout; unreadable or unmappable records become SkippedRow."""
     rows: list[Example | SkippedRow] = []
     for record in split.records:
-        value = record.value
-        if isinstance(value, Skip):
-            rows.append(SkippedRow(value.reason, value.detail, record.source, record.row))
-            continue
-        if not isinstance(value, dict):
-            rows.append(SkippedRow("missing_key", f"the row is a {type(value).__name__}, not an object",
-                                   record.source, record.row))
-            continue
-        out = split.layout.adapt(value, multi_turn)
-        if isinstance(out, Skip):
-            rows.append(SkippedRow(out.reason, out.detail, record.source, record.row))
-            continue
-        rows.extend(
-            Example(t.prompt, t.answer, [dict(c) for c in t.context], record.source, record.row) for t in out
-        )
+        rows.extend(record_rows(record, split.layout, multi_turn))
     return rows
+
+
+def record_rows(record: RawRecord, layout: Layout | None, multi_turn: bool = False) -> list[Example | SkippedRow]:
+    """One record -> its examples (several with ``multi_turn``), or one SkippedRow saying why it makes none."""
+    value = record.value
+    if isinstance(value, Skip):
+        return [SkippedRow(value.reason, value.detail, record.source, record.row)]
+    if not isinstance(value, dict):
+        return [SkippedRow("missing_key", f"the row is a {type(value).__name__}, not an object",
+                           record.source, record.row)]
+    out = layout.adapt(value, multi_turn)
+    if isinstance(out, Skip):
+        return [SkippedRow(out.reason, out.detail, record.source, record.row)]
+    return [Example(t.prompt, t.answer, [dict(c) for c in t.context], record.source, record.row) for t in out]
 
 
 def strict_error(skipped: SkippedRow) -> DataError:
