@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from easysft.data.batching import materialise
-from easysft.data.samples import sample_lengths
 from easysft.data.collate import collate
+from easysft.data.samples import sample_lengths
 from easysft.distributed import all_reduce_sum
 from easysft.loss import supervised_loss_sum
 
