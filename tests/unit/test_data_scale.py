@@ -211,3 +211,22 @@ def test_bad_mixing_and_num_proc_flags(tiny_model_dir, qa_data_dir, capsys):
         DataConfig(data_path=["a"], mixing="sometimes")
     with pytest.raises(ConfigError, match="--num_proc must be at least 1"):
         DataConfig(data_path=["a"], num_proc=0)
+
+
+def test_training_with_data_weights_prints_the_mix_and_draws_it(tiny_model_dir, qa_data_dir, sources, tmp_path,
+                                                                 capsys):
+    """A short CLI run: the start-up lines show the mix, and the steps hold the mixed epoch's sample count."""
+    from easysft.cli import main
+
+    out = tmp_path / "run"
+    argv = ["train", "--model_name_or_path", tiny_model_dir, "--data_path", qa_data_dir, sources[0],
+            "--data_weights", "1", "1", "--mixing", "upsample", "--output_dir", str(out),
+            "--per_device_train_batch_size", "16", "--max_ans_len", "16", "--tensorboard", "false"]
+    assert main(argv) == 0
+    assert "data mixing (upsample)" in capsys.readouterr().err  # start-up lines go to stderr
+    # qa folder: 8 train samples; the JSONL: 36 train samples after hold-out and skips -> upsample to 36 + 36.
+    report = json.loads((out / "data_report.json").read_text(encoding="utf-8"))
+    drawn = [s["drawn_per_epoch"] for s in report["mixing"]["sources"]]
+    assert drawn[0] == drawn[1] == max(s["kept"] for s in report["mixing"]["sources"])
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(m["step"] for m in steps if "loss" in m) == -(-sum(drawn) // 16)  # one epoch of the mix
