@@ -9,7 +9,6 @@ are in flight, which bounds memory whatever the size of the data.
 
 from __future__ import annotations
 
-import json
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -18,7 +17,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from easysft.data.readers import RawRecord
-from easysft.data.segments import EVAL, LAYOUTS_BY_NAME, TRAIN, dataset_rows, scan_jsonl_chunk
+from easysft.data.segments import (
+    EVAL,
+    LAYOUTS_BY_NAME,
+    TRAIN,
+    dataset_rows,
+    scan_jsonl_chunk,
+    segment_records,
+)
 from easysft.data.sources import SkippedRow, record_rows
 from easysft.data.tokenize import IGNORE_INDEX, Skip, tokenize_examples
 
@@ -78,23 +84,6 @@ def set_context(context: Context | None) -> None:
     _CONTEXT = context
 
 
-def _records(segment, payload) -> list[RawRecord]:
-    if segment.kind == "records":
-        return payload
-    if segment.kind == "dataset":
-        return dataset_rows(segment.dataset, payload[0], payload[1], segment.source)
-    return [_parse_line(segment.source, number, raw) for number, raw in payload]
-
-
-def _parse_line(path: str, number: int, raw: bytes) -> RawRecord:
-    try:
-        return RawRecord(json.loads(raw.decode("utf-8")), path, number)
-    except UnicodeDecodeError:
-        return RawRecord(Skip("invalid_json_line", "not UTF-8 text"), path, number)
-    except json.JSONDecodeError as exc:
-        return RawRecord(Skip("invalid_json_line", f"column {exc.colno}: {exc.msg}"), path, number)
-
-
 def scan_task(task: tuple) -> tuple[int, list[str], bool]:
     """``(segment_index, lines)`` -> ``(records, columns, has_rows)`` of a JSON Lines chunk."""
     _, lines = task
@@ -115,7 +104,7 @@ def tokenize_task(task: tuple) -> dict[int, Piece]:
         rows = dataset_rows(segment.dataset, start + wanted[0], start + wanted[-1] + 1, segment.source)
         records = {k: rows[k - wanted[0]] for k in wanted}
     else:
-        all_records = _records(segment, payload) if wanted else []
+        all_records = segment_records(segment, payload) if wanted else []
         records = {k: all_records[k] for k in wanted}
     return {split: _tokenize_split([records[k] for k in wanted if assign[k] == split], layout, ctx)
             for split in (TRAIN, EVAL)}

@@ -28,6 +28,7 @@ from easysft.config import parse_data_split
 from easysft.data.adapters import LAYOUTS, Layout, detect_layout
 from easysft.data.readers import RawRecord, _load_table, open_hf_dataset, read_json_file
 from easysft.data.sources import EVAL_SPLIT_NAMES, _split_files, hold_out_count, source_kind
+from easysft.data.tokenize import Skip
 from easysft.errors import DataError
 
 TRAIN, EVAL = 1, 2
@@ -223,6 +224,45 @@ def dataset_rows(dataset, start: int, stop: int, source: str) -> list[RawRecord]
     names = list(columns)
     return [RawRecord({name: columns[name][k] for name in names}, source, f"row {start + k}")
             for k in range(stop - start)]
+
+
+def segment_records(segment: Segment, payload) -> list[RawRecord]:
+    """The records of one chunk payload of ``segment`` (JSON Lines are parsed here)."""
+    if segment.kind == "records":
+        return payload
+    if segment.kind == "dataset":
+        return dataset_rows(segment.dataset, payload[0], payload[1], segment.source)
+    return [_parse_line(segment.source, number, raw) for number, raw in payload]
+
+
+def _parse_line(path: str, number: int, raw: bytes) -> RawRecord:
+    try:
+        return RawRecord(json.loads(raw.decode("utf-8")), path, number)
+    except UnicodeDecodeError:
+        return RawRecord(Skip("invalid_json_line", "not UTF-8 text"), path, number)
+    except json.JSONDecodeError as exc:
+        return RawRecord(Skip("invalid_json_line", f"column {exc.colno}: {exc.msg}"), path, number)
+
+
+def iter_split_records(path: str, split: str, *, eval_fraction: float, seed: int, data_split: str,
+                       chunk_rows: int = 1024) -> Iterator[tuple[RawRecord, Layout | None]]:
+    """The records of one split of one source, in file order, with their layout, read chunk by chunk
+    (what ``sources.load_examples`` and so ``easysft infer`` use; the same rows as ``read_source``)."""
+    plan = open_source(path)
+    for segment in plan.segments:
+        if segment.kind == "jsonl":
+            finish_scan(segment, ((len(lines), *scan_jsonl_chunk(lines))
+                                  for _, _, lines in segment.chunks(chunk_rows)))
+    assign_splits(plan, eval_fraction=eval_fraction, seed=seed, data_split=data_split)
+    want = TRAIN if split == "train" else EVAL
+    for segment in plan.segments:
+        for start, stop, payload in segment.chunks(chunk_rows):
+            assign = segment.assign[start:stop]
+            if not (assign == want).any():
+                continue
+            for k, record in enumerate(segment_records(segment, payload)):
+                if assign[k] == want:
+                    yield record, segment.layout
 
 
 def local_size_bytes(paths: list[str]) -> int:

@@ -294,13 +294,17 @@ def load_examples(data_path, split: str = "train", *, eval_fraction: float = 0.0
     paths = [data_path] if isinstance(data_path, str) else list(data_path)
     if not paths:
         raise ConfigError("--data_path is required: give a data folder, file or Hugging Face dataset.")
+    from easysft.data.segments import iter_split_records  # segments builds on this module
+
     out: list[Example] = []
     for path in paths:
-        source = read_source(path, eval_fraction=eval_fraction, seed=seed, data_split=data_split)
-        for row in to_rows(getattr(source, split), multi_turn):
-            if isinstance(row, SkippedRow):
-                if strict:
-                    raise strict_error(row)
-                continue
-            out.append(row)
+        # Read chunk by chunk: only the split's examples are kept, never the whole source's records.
+        for record, layout in iter_split_records(path, split, eval_fraction=eval_fraction, seed=seed,
+                                                 data_split=data_split):
+            for row in record_rows(record, layout, multi_turn):
+                if isinstance(row, SkippedRow):
+                    if strict:
+                        raise strict_error(row)
+                    continue
+                out.append(row)
     return out
