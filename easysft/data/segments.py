@@ -244,16 +244,23 @@ def _parse_line(path: str, number: int, raw: bytes) -> RawRecord:
         return RawRecord(Skip("invalid_json_line", f"column {exc.colno}: {exc.msg}"), path, number)
 
 
-def iter_split_records(path: str, split: str, *, eval_fraction: float, seed: int, data_split: str,
-                       chunk_rows: int = 1024) -> Iterator[tuple[RawRecord, Layout | None]]:
-    """The records of one split of one source, in file order, with their layout, read chunk by chunk
-    (what ``sources.load_examples`` and so ``easysft infer`` use; the same rows as ``read_source``)."""
+def plan_source(path: str, *, eval_fraction: float, seed: int, data_split: str,
+                chunk_rows: int = 1024) -> SourcePlan:
+    """Open, scan (in this process) and assign one source: ready for :meth:`Segment.chunks`."""
     plan = open_source(path)
     for segment in plan.segments:
         if segment.kind == "jsonl":
             finish_scan(segment, ((len(lines), *scan_jsonl_chunk(lines))
                                   for _, _, lines in segment.chunks(chunk_rows)))
     assign_splits(plan, eval_fraction=eval_fraction, seed=seed, data_split=data_split)
+    return plan
+
+
+def iter_split_records(path: str, split: str, *, eval_fraction: float, seed: int, data_split: str,
+                       chunk_rows: int = 1024) -> Iterator[tuple[RawRecord, Layout | None]]:
+    """The records of one split of one source, in file order, with their layout, read chunk by chunk
+    (what ``sources.load_examples`` and so ``easysft infer`` use; the same rows as ``read_source``)."""
+    plan = plan_source(path, eval_fraction=eval_fraction, seed=seed, data_split=data_split, chunk_rows=chunk_rows)
     want = TRAIN if split == "train" else EVAL
     for segment in plan.segments:
         for start, stop, payload in segment.chunks(chunk_rows):
