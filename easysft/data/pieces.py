@@ -149,14 +149,8 @@ def _piece(num_records: int, ends: list[int], samples: list[dict], skips: list[t
 
 def _worker_init() -> None:
     # The tokenizers library warns (and may deadlock) when its own thread pool meets fork; one thread per
-    # worker process is the parallelism we want anyway.
+    # worker process is the parallelism we want anyway. Workers never touch torch (or a GPU).
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    try:
-        import torch
-
-        torch.set_num_threads(1)
-    except ImportError:
-        pass
 
 
 class Runner:
