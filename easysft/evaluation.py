@@ -10,6 +10,7 @@ import torch
 
 from easysft.data.batching import materialise
 from easysft.data.collate import collate
+from easysft.data.samples import sample_lengths
 from easysft.distributed import all_reduce_sum
 from easysft.loss import supervised_loss_sum
 
@@ -45,7 +46,8 @@ def evaluate(
     """
     was_training = model.training
     model.eval()
-    mine: list[int | None] = sorted(range(rank, len(samples), world_size), key=lambda i: len(samples[i]["input_ids"]))
+    lengths = sample_lengths(samples)  # memory-mapped samples give them without reading any token
+    mine: list[int | None] = sorted(range(rank, len(samples), world_size), key=lambda i: int(lengths[i]))
     # Every rank runs the same number of forward passes (sharded engines gather weights collectively in each):
     # ranks with one sample fewer run a filler that adds no token.
     per_rank = -(-len(samples) // world_size)

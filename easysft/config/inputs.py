@@ -74,11 +74,29 @@ class DataConfig:
     )
     max_train_rows: int | None = field(default=None, metadata=_help("Use at most this many training rows."))
     max_eval_rows: int | None = field(default=None, metadata=_help("Use at most this many eval rows."))
+    num_proc: int | None = field(
+        default=None,
+        metadata=_help("Processes that tokenize (default: the cores available, at most 8; small data uses 1). "
+                       "The cache is byte-identical for any value."),
+    )
+    data_weights: list[float] | None = field(
+        default=None,
+        metadata=_help("One positive weight per --data_path source: its share of the training samples of every "
+                       "epoch (e.g. 0.7 0.3); default: every sample once, sources concatenated.", nargs="+",
+                       resume_sensitive=True),
+    )
+    mixing: str = field(
+        default="downsample",
+        metadata=_help("With --data_weights: 'downsample' (no sample repeats in an epoch; the epoch shrinks to "
+                       "fit the weights) or 'upsample' (smaller sources repeat; the epoch grows to fit them).",
+                       resume_sensitive=True),
+    )
 
     def __post_init__(self) -> None:
         normalise_fields(self)
         if isinstance(self.data_path, str):
             self.data_path = [self.data_path]
+        self._check_scale_and_mixing()
         if self.max_prompt_len is None or self.max_prompt_len < 1:
             raise ConfigError(f"--max_prompt_len must be at least 1, got {self.max_prompt_len}.")
         if self.max_ans_len is None or self.max_ans_len < 1:
@@ -90,6 +108,29 @@ class DataConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {value}.")
+
+
+    def _check_scale_and_mixing(self) -> None:
+        if self.num_proc is not None and self.num_proc < 1:
+            raise ConfigError(f"--num_proc must be at least 1, got {self.num_proc}.")
+        if self.mixing not in ("downsample", "upsample"):
+            raise ConfigError(f"--mixing must be 'downsample' or 'upsample', got {self.mixing!r}.")
+        if self.data_weights is None:
+            return
+        if isinstance(self.data_weights, int | float):
+            self.data_weights = [self.data_weights]
+        try:
+            self.data_weights = [float(w) for w in self.data_weights]
+        except (TypeError, ValueError):
+            raise ConfigError(f"--data_weights {' '.join(map(str, self.data_weights))}: give numbers, one per "
+                              "--data_path source (e.g. --data_weights 0.7 0.3).") from None
+        if len(self.data_weights) != len(self.data_path):
+            raise ConfigError(f"--data_weights has {len(self.data_weights)} value(s) for {len(self.data_path)} "
+                              "--data_path source(s); give one weight per source, in the same order.")
+        bad = [w for w in self.data_weights if not w > 0 or w != w or w == float("inf")]
+        if bad:
+            raise ConfigError(f"--data_weights {bad[0]:g}: every weight must be a positive number; drop a source "
+                              "from --data_path instead of giving it weight 0.")
 
 
 def parse_data_split(text: str) -> list[float]:

@@ -27,9 +27,11 @@ class MicroBatchPlan:
     batches: list[list[int | None]]
 
 
-def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
-    """The epoch's sample order: a permutation seeded by ``seed + epoch`` (reshuffled each epoch)."""
-    order = list(range(num_samples))
+def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool = True,
+                population: Sequence[int] | None = None) -> list[int]:
+    """The epoch's sample order: a permutation seeded by ``seed + epoch`` (reshuffled each epoch) of
+    ``range(num_samples)``, or of ``population`` (the epoch's samples under --data_weights, repeats allowed)."""
+    order = list(range(num_samples)) if population is None else [int(i) for i in population]
     if shuffle:
         random.Random(seed + epoch).shuffle(order)
     return order
@@ -61,16 +63,20 @@ def plan_epoch(
     world_size: int = 1,
     lengths: Sequence[int] | None = None,
     shuffle: bool = True,
+    population: Sequence[int] | None = None,
 ) -> MicroBatchPlan:
-    """This rank's micro-batches for ``epoch`` (see the module docstring for the sharding rule)."""
+    """This rank's micro-batches for ``epoch`` (see the module docstring for the sharding rule).
+
+    ``population``: the sample indices of this epoch (from :meth:`easysft.data.mixing.MixPlan.population`);
+    default every sample once."""
     if num_samples < 1:
         raise ValueError("plan_epoch needs at least one sample")
-    order = epoch_order(num_samples, seed, epoch, shuffle)
+    order = epoch_order(num_samples, seed, epoch, shuffle, population)
     global_size = micro_batch_size * world_size
     if lengths is not None:
         order = group_by_length(order, lengths, global_size, seed, epoch)
     batches: list[list[int | None]] = []
-    for start in range(0, num_samples, global_size):
+    for start in range(0, len(order), global_size):
         chunk = order[start : start + global_size]
         if len(chunk) == global_size:
             mine = chunk[rank * micro_batch_size : (rank + 1) * micro_batch_size]
@@ -145,6 +151,7 @@ def plan_packed_epoch(
     rank: int = 0,
     world_size: int = 1,
     shuffle: bool = True,
+    population: Sequence[int] | None = None,
 ) -> MicroBatchPlan:
     """This rank's packed micro-batches for ``epoch``: each is one bin (one row of at most ``max_tokens``).
 
@@ -153,9 +160,9 @@ def plan_packed_epoch(
     bin get a filler (``[None]``: one sample, every label -100), so every rank runs the same number of
     micro-batches.
     """
-    if not lengths:
+    if len(lengths) == 0:
         raise ValueError("plan_packed_epoch needs at least one sample")
-    order = epoch_order(len(lengths), seed, epoch, shuffle)
+    order = epoch_order(len(lengths), seed, epoch, shuffle, population)
     bins = pack_bins(order, lengths, max_tokens, seed=(seed + epoch) * 104729 + 7)
     batches: list[list[int | None]] = []
     for start in range(0, len(bins), world_size):

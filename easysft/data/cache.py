@@ -5,15 +5,13 @@ Where: ``--cache_dir`` if given, else ``$EASYSFT_DATA_CACHE``, else ``~/.cache/e
 One entry = one folder ``<root>/<key>/`` where ``key`` hashes everything that can change the result (see
 ``dataset.cache_key_parts``: data bytes or dataset fingerprints, the tokenizer's content, the template, the
 length flags, data_split, eval_fraction, seed, row limits, multi_turn, strict, and :data:`CACHE_FORMAT`).
-Inside, per split, three numpy arrays hold the samples compactly:
-
-- ``{split}_ids.npy``      int32, every sample's ``input_ids`` concatenated;
-- ``{split}_offsets.npy``  int64, sample ``i`` is ``ids[offsets[i]:offsets[i + 1]]``;
-- ``{split}_mask.npy``     bool, True where the token is supervised (labels = ids there, -100 elsewhere);
-
-plus ``report.json`` and ``meta.json`` (written last). Entries are written into a temporary folder in the same
-root and renamed into place, so a crash never leaves an entry that loads; a folder that fails to load is
-treated as missing and rebuilt.
+Inside, per split, three raw arrays hold the samples compactly (``{split}_ids.bin``, ``{split}_offsets.bin``,
+``{split}_mask.bin``: see :mod:`easysft.data.samples`), plus ``report.json`` and ``meta.json`` (written last).
+They are written chunk by chunk (:class:`EntryWriter`) and read back as memory maps (:class:`SampleView`), so
+neither preparing nor training holds the whole data set in private memory, and the ranks of one machine share
+one copy in the page cache. Entries are written into a temporary folder in the same root and renamed into
+place, so a crash never leaves an entry that loads; a folder that fails to load is treated as missing and
+rebuilt.
 
 Distributed runs: only the main rank builds; the others call :func:`wait_for_entry`, which polls the file
 system (no collectives) until the entry appears, rank 0 leaves a failure note (``<key>.failed``), or the
@@ -30,11 +28,11 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from easysft.data.tokenize import IGNORE_INDEX
+from easysft.data.samples import SampleView, SplitWriter
 from easysft.errors import DataError
 
 # Bump when adapters, tokenization or the stored format change what an entry holds.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: raw .bin arrays written in chunks, read as memory maps
 DEFAULT_WAIT_S = 3600.0
 # A failure note older than this (before the waiter started) belongs to an earlier run and is ignored.
 FAILURE_NOTE_GRACE_S = 120.0
@@ -42,8 +40,8 @@ FAILURE_NOTE_GRACE_S = 120.0
 
 @dataclass
 class CacheEntry:
-    train: list[dict]
-    eval: list[dict]
+    train: SampleView
+    eval: SampleView
     report: dict
     path: str
 
@@ -83,64 +81,59 @@ def tokenizer_fingerprint(tokenizer) -> str:
 # Writing and reading entries
 
 
-def _save_split(folder: str, split: str, samples: list[dict]) -> None:
-    import numpy as np
+class EntryWriter:
+    """Writes one entry into a temporary folder: ``writer.splits["train"].append(...)``, then :meth:`commit`.
 
-    lengths = [len(s["input_ids"]) for s in samples]
-    offsets = np.zeros(len(samples) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    ids = np.fromiter((t for s in samples for t in s["input_ids"]), dtype=np.int32, count=int(offsets[-1]))
-    labels = np.fromiter((t for s in samples for t in s["labels"]), dtype=np.int64, count=int(offsets[-1]))
-    mask = labels != IGNORE_INDEX
-    # Invariant (docs/ARCHITECTURE.md rule 1): a supervised label is the token itself, so a mask is enough to store.
-    assert np.array_equal(labels[mask], ids[mask]), "supervised labels must equal their input ids"
-    np.save(os.path.join(folder, f"{split}_ids.npy"), ids, allow_pickle=False)
-    np.save(os.path.join(folder, f"{split}_offsets.npy"), offsets, allow_pickle=False)
-    np.save(os.path.join(folder, f"{split}_mask.npy"), mask, allow_pickle=False)
+    Use it as a context manager: leaving the block without a commit (an error, an interrupt) removes the
+    temporary folder, so nothing half-written is ever found.
+    """
 
+    def __init__(self, root: str, key: str):
+        self.root, self.key = root, key
+        os.makedirs(root, exist_ok=True)
+        self.tmp = os.path.join(root, f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        os.makedirs(self.tmp)
+        self.splits = {split: SplitWriter(self.tmp, split) for split in ("train", "eval")}
+        self.path: str | None = None
 
-def _load_split(folder: str, split: str) -> list[dict]:
-    import numpy as np
+    def commit(self, report: dict, meta: dict) -> str:
+        """Close the arrays, write report.json and meta.json (last), rename into place; return the folder."""
+        for writer in self.splits.values():
+            writer.close()
+        with open(os.path.join(self.tmp, "report.json"), "w", encoding="utf-8") as handle:
+            json.dump(report, handle, ensure_ascii=False)
+        # meta.json last: its presence in a renamed folder means every other file was fully written.
+        with open(os.path.join(self.tmp, "meta.json"), "w", encoding="utf-8") as handle:
+            json.dump({"format": CACHE_FORMAT, "key": self.key, **meta}, handle, default=str)
+        final = os.path.join(self.root, self.key)
+        if os.path.isdir(final) and load_entry(self.root, self.key) is None:
+            shutil.rmtree(final, ignore_errors=True)  # a broken leftover (copied or hand-edited): replace it
+        try:
+            os.rename(self.tmp, final)
+        except OSError:
+            if load_entry(self.root, self.key) is None:
+                raise
+            shutil.rmtree(self.tmp, ignore_errors=True)  # another process finished the same entry first
+        clear_failure(self.root, self.key)
+        self.path = final
+        return final
 
-    ids = np.load(os.path.join(folder, f"{split}_ids.npy"), allow_pickle=False)
-    offsets = np.load(os.path.join(folder, f"{split}_offsets.npy"), allow_pickle=False)
-    mask = np.load(os.path.join(folder, f"{split}_mask.npy"), allow_pickle=False)
-    if len(ids) != len(mask) or (len(offsets) and offsets[-1] != len(ids)):
-        raise ValueError("arrays of different lengths")
-    labels = np.where(mask, ids, IGNORE_INDEX)
-    ids_list, labels_list, bounds = ids.tolist(), labels.tolist(), offsets.tolist()
-    return [
-        {"input_ids": ids_list[a:b], "labels": labels_list[a:b]} for a, b in zip(bounds[:-1], bounds[1:], strict=True)
-    ]
+    def __enter__(self) -> EntryWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.path is None:
+            for writer in self.splits.values():
+                writer.close()
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def save_entry(root: str, key: str, train: list[dict], evals: list[dict], report: dict, meta: dict) -> str:
-    """Write an entry atomically (temp folder + rename); return its folder. A concurrent writer's entry wins."""
-    final = os.path.join(root, key)
-    os.makedirs(root, exist_ok=True)
-    tmp = os.path.join(root, f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    os.makedirs(tmp)
-    try:
-        _save_split(tmp, "train", train)
-        _save_split(tmp, "eval", evals)
-        with open(os.path.join(tmp, "report.json"), "w", encoding="utf-8") as handle:
-            json.dump(report, handle, ensure_ascii=False)
-        # meta.json last: its presence in a renamed folder means every other file was fully written.
-        with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as handle:
-            json.dump({"format": CACHE_FORMAT, "key": key, **meta}, handle, default=str)
-        if os.path.isdir(final) and load_entry(root, key) is None:
-            shutil.rmtree(final, ignore_errors=True)  # a broken leftover (copied or hand-edited): replace it
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if load_entry(root, key) is None:
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same entry first
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    clear_failure(root, key)
-    return final
+    """Write an entry of sample dicts atomically (temp folder + rename); return its folder."""
+    with EntryWriter(root, key) as writer:
+        writer.splits["train"].append_samples(train)
+        writer.splits["eval"].append_samples(evals)
+        return writer.commit(report, meta)
 
 
 def load_entry(root: str, key: str) -> CacheEntry | None:
@@ -153,7 +146,7 @@ def load_entry(root: str, key: str) -> CacheEntry | None:
             return None
         with open(os.path.join(folder, "report.json"), encoding="utf-8") as handle:
             report = json.load(handle)
-        return CacheEntry(_load_split(folder, "train"), _load_split(folder, "eval"), report, folder)
+        return CacheEntry(SampleView.open(folder, "train"), SampleView.open(folder, "eval"), report, folder)
     except (OSError, ValueError, KeyError):
         return None
 

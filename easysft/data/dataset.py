@@ -3,11 +3,15 @@
 :func:`prepare_data` is what training, evaluation and ``easysft prepare`` call. Steps:
 
 1. hash every input that can change the result (:func:`cache_key_parts`) and look the key up in the cache;
-2. on a miss, on the main rank: read each source (:mod:`easysft.data.sources`), apply the row limits
-   (``--max_train_rows`` / ``--max_eval_rows`` / debug: the FIRST rows in ``--data_path`` order), tokenize
-   every example (:func:`~easysft.data.tokenize.tokenize_examples`, the only place that builds labels), count
-   every skipped row by reason, build the report and save the entry atomically;
-3. on a miss on any other rank: wait for the main rank's entry on the file system, then load it.
+2. on a miss, on the main rank: stream every source in chunks through :func:`easysft.data.build.build_entry`
+   (row limits ``--max_train_rows`` / ``--max_eval_rows`` / debug keep the FIRST rows in ``--data_path``
+   order; tokenization in ``--num_proc`` processes, byte-identical for any number; every skipped row counted
+   by reason) straight into the entry's files, then commit the entry atomically;
+3. on a miss on any other rank: wait for the main rank's entry on the file system;
+4. open the entry as memory maps (:class:`~easysft.data.samples.SampleView`): ``train``/``eval`` behave like
+   lists of ``{"input_ids", "labels"}`` dicts, and every rank on a machine shares one copy in the page cache;
+5. with ``--data_weights``, attach the :class:`~easysft.data.mixing.MixPlan` (which samples make each epoch) and
+   its lines in the report.
 
 ``--strict`` turns the first skipped row (train rows first, then eval, each in file order) into a DataError
 naming ``file:line`` (or the dataset row) and the reason. No training sample at all is always a DataError that
@@ -18,20 +22,15 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from easysft.data import cache
-from easysft.data.report import SourceStats, SplitStats, build_report, data_notices
-from easysft.data.sources import (
-    SkippedRow,
-    SourceSplit,
-    read_source,
-    source_fingerprint,
-    strict_error,
-    to_rows,
-)
+from easysft.data.build import build_entry
+from easysft.data.mixing import MixPlan
+from easysft.data.report import data_notices
+from easysft.data.sources import source_fingerprint
 from easysft.data.templates import Template
-from easysft.data.tokenize import Skip, tokenize_examples
 from easysft.errors import ConfigError, DataError, EasySFTError
 
 DEBUG_TRAIN_ROWS = 64
@@ -40,12 +39,15 @@ DEBUG_EVAL_ROWS = 32
 
 @dataclass
 class PreparedData:
-    """Tokenized train and eval samples (dicts with input_ids/labels), the data report and the template."""
+    """Tokenized train and eval samples (sequences of dicts with input_ids/labels: memory-mapped
+    :class:`~easysft.data.samples.SampleView` from :func:`prepare_data`), the data report, the template, and the mixing plan
+    (``None``: every training sample once per epoch)."""
 
-    train: list[dict]
-    eval: list[dict]
+    train: Sequence[dict]
+    eval: Sequence[dict]
     report: dict = field(default_factory=dict)
     template: Template | None = None
+    mixing: MixPlan | None = None
 
 
 def _row_limits(data_cfg, debug: bool) -> tuple[int | None, int | None]:
@@ -75,70 +77,6 @@ def cache_key_parts(data_cfg, tokenizer, template: Template, *, seed: int, debug
         "multi_turn": data_cfg.multi_turn,
         "strict": data_cfg.strict,
     }
-
-
-# Rows per batched tokenizer call: large enough that per-call overhead vanishes, small enough to stay in cache.
-TOKENIZE_CHUNK_ROWS = 1024
-
-
-def _tokenize_split(split: SourceSplit, limit: int | None, stats: SplitStats, data_cfg, tokenizer,
-                    template: Template) -> list[dict]:
-    records = split.records if limit is None else split.records[:limit]
-    stats.rows = len(records)
-    samples: list[dict] = []
-    pending = []  # rows waiting for the next batched tokenizer call, in file order
-
-    def flush() -> None:
-        outputs = tokenize_examples(tokenizer, [(row.prompt, row.answer, row.context) for row in pending],
-                                    max_prompt_len=data_cfg.max_prompt_len, max_ans_len=data_cfg.max_ans_len,
-                                    template=template)
-        for row, out in zip(pending, outputs, strict=True):
-            if isinstance(out, Skip):
-                if data_cfg.strict:
-                    raise strict_error(SkippedRow(out.reason, out.detail, row.source, row.row))
-                stats.add_skip(out.reason, row.location, out.detail)
-                continue
-            stats.add_sample(out)
-            # Only what batches need; the bookkeeping fields live in the report.
-            samples.append({"input_ids": out["input_ids"], "labels": out["labels"]})
-        pending.clear()
-
-    for row in to_rows(SourceSplit(records, split.layout), data_cfg.multi_turn):
-        if isinstance(row, SkippedRow):
-            if data_cfg.strict:
-                flush()  # an earlier row's skip is reported first
-                raise strict_error(row)
-            stats.add_skip(row.reason, row.location, row.detail)
-            continue
-        pending.append(row)
-        if len(pending) >= TOKENIZE_CHUNK_ROWS:
-            flush()
-    flush()
-    return samples
-
-
-def build_data(data_cfg, tokenizer, template: Template, *, seed: int, debug: bool):
-    """Read, tokenize and report (no cache): ``(train_samples, eval_samples, report)``."""
-    sources = [read_source(p, eval_fraction=data_cfg.eval_fraction, seed=seed, data_split=data_cfg.data_split)
-               for p in data_cfg.data_path]
-    limits = dict(zip(("train", "eval"), _row_limits(data_cfg, debug), strict=True))
-    samples: dict[str, list[dict]] = {"train": [], "eval": []}
-    stats = []
-    for source in sources:
-        layout = source.train.layout or source.eval.layout
-        source_stats = SourceStats(source.name, layout.name if layout else "none", source.eval_origin)
-        for split in ("train", "eval"):
-            limit = limits[split]
-            # Row limits count across sources: the first `limit` rows in --data_path order.
-            remaining = None if limit is None else max(0, limit - sum(getattr(s, split).rows for s in stats))
-            samples[split] += _tokenize_split(getattr(source, split), remaining, getattr(source_stats, split),
-                                              data_cfg, tokenizer, template)
-        stats.append(source_stats)
-    report = build_report(stats, template=template.name, max_prompt_len=data_cfg.max_prompt_len,
-                          max_ans_len=data_cfg.max_ans_len)
-    if not samples["train"]:
-        raise DataError(_empty_message(data_cfg, report))
-    return samples["train"], samples["eval"], report
 
 
 def _empty_message(data_cfg, report: dict) -> str:
@@ -171,19 +109,39 @@ def prepare_data(data_cfg, tokenizer, *, seed: int = 1234, debug: bool = False, 
     if entry is None and not is_main:
         entry = cache.wait_for_entry(root, key, timeout_s=wait_timeout_s)
     if entry is None:
-        try:
-            train, evals, report = build_data(data_cfg, tokenizer, template, seed=seed, debug=debug)
-        except EasySFTError as exc:
-            cache.write_failure(root, key, str(exc))
-            raise
-        try:
-            path = cache.save_entry(root, key, train, evals, report, {"inputs": parts})
-        except OSError as exc:
-            raise DataError(f"cannot write the data cache in {root} ({exc.strerror or exc}); "
-                            "set --cache_dir (or $EASYSFT_DATA_CACHE) to a writable folder.") from None
-        entry = cache.CacheEntry(train, evals, report, path)
+        report = _build_and_save(root, key, parts, data_cfg, tokenizer, template, seed=seed, debug=debug,
+                                 progress=is_main)
+        entry = cache.load_entry(root, key)
+        if entry is None:
+            raise DataError(f"the data cache entry {os.path.join(root, key)} was written but cannot be read back; "
+                            "check the disk, or set --cache_dir to another folder.")
     report = {**entry.report, "cache": {"hit": hit, "key": key, "path": entry.path}}
     if is_main:
         for notice in data_notices(report):
             print(notice, file=sys.stderr, flush=True)
-    return PreparedData(entry.train, entry.eval, report, template)
+    mixing = None
+    if data_cfg.data_weights:
+        mixing = MixPlan.from_report(entry.report, data_cfg.data_weights, data_cfg.mixing)
+        report["mixing"] = mixing.to_report()
+    return PreparedData(entry.train, entry.eval, report, template, mixing)
+
+
+def _build_and_save(root: str, key: str, parts: dict, data_cfg, tokenizer, template: Template, *, seed: int,
+                    debug: bool, progress: bool) -> dict:
+    """Build the entry in a temporary folder and commit it; a failure leaves a note for waiting ranks."""
+    try:
+        with cache.EntryWriter(root, key) as writer:
+            report = build_entry(writer, data_cfg, tokenizer, template, seed=seed,
+                                 limits=_row_limits(data_cfg, debug), progress=progress)
+            if report["train"]["kept"] == 0:
+                raise DataError(_empty_message(data_cfg, report))
+            writer.commit(report, {"inputs": parts})
+    except EasySFTError as exc:
+        cache.write_failure(root, key, str(exc))
+        raise
+    except OSError as exc:
+        message = (f"cannot write the data cache in {root} ({exc.strerror or exc}); "
+                   "set --cache_dir (or $EASYSFT_DATA_CACHE) to a writable folder.")
+        cache.write_failure(root, key, message)
+        raise DataError(message) from None
+    return report

@@ -92,6 +92,18 @@ def _json_error(path: str, exc: json.JSONDecodeError, what: str = "invalid JSON"
 
 def read_json_file(path: str) -> list[RawRecord]:
     """Records of a JSON file (a top-level list), each located at the line where it starts."""
+    try:
+        return _read_json_records(path)
+    except RecursionError:  # json's decoder recurses once per nesting level
+        raise too_deeply_nested(path) from None
+
+
+def too_deeply_nested(where: str) -> DataError:
+    return DataError(f"{where}: JSON nested too deeply to read (thousands of levels); a row must be a flat "
+                     'object such as {"prompt": "...", "answer": "..."}.')
+
+
+def _read_json_records(path: str) -> list[RawRecord]:
     text = _read_text(path)
     start = _skip_ws(text, 0)
     if start == len(text):

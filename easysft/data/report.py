@@ -26,7 +26,10 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from easysft.data.tokenize import SKIP_REASONS
 from easysft.files import write_json_atomic
@@ -34,42 +37,64 @@ from easysft.files import write_json_atomic
 PERCENTILES = (50, 90, 99)
 
 
-def percentiles(values: list[int]) -> dict[str, int]:
-    """Nearest-rank p50/p90/p99 and max (all 0 for no values): real lengths, never interpolated."""
-    if not values:
+def percentiles(values) -> dict[str, int]:
+    """Nearest-rank p50/p90/p99 and max (all 0 for no values): real lengths, never interpolated.
+
+    ``values``: a list of lengths, or a :class:`collections.Counter` ``{length: count}`` (what the report keeps,
+    so its memory grows with the number of DISTINCT lengths, not with the number of samples)."""
+    histogram = values if isinstance(values, Counter) else Counter(values)
+    total = sum(histogram.values())
+    if not total:
         return {"p50": 0, "p90": 0, "p99": 0, "max": 0}
-    ordered = sorted(values)
-    out = {f"p{p}": ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)] for p in PERCENTILES}
-    out["max"] = ordered[-1]
+    ordered = sorted(histogram.items())
+    out = {}
+    for p in PERCENTILES:
+        rank, seen = max(1, math.ceil(p / 100 * total)), 0
+        for length, count in ordered:
+            seen += count
+            if seen >= rank:
+                out[f"p{p}"] = int(length)
+                break
+    out["max"] = int(ordered[-1][0])
     return out
 
 
-def length_histogram(values: list[int], bins: int = 16) -> dict[str, list[int]]:
-    """Counts of ``values`` in ``bins`` equal-width integer bins: ``{"edges": [b0, ..., bN], "counts": [...]}``
-    (bin i holds ``edges[i] <= v < edges[i+1]``; the last bin also holds the maximum). Empty input: no bins."""
-    if not values:
+def length_histogram(values, bins: int = 16) -> dict[str, list[int]]:
+    """Counts of ``values`` (a list of lengths, or a Counter ``{length: count}``) in ``bins`` equal-width integer
+    bins: ``{"edges": [b0, ..., bN], "counts": [...]}`` (bin i holds ``edges[i] <= v < edges[i+1]``; the last bin
+    also holds the maximum). Empty input: no bins."""
+    histogram = values if isinstance(values, Counter) else Counter(values)
+    if not histogram:
         return {"edges": [], "counts": []}
-    low, high = min(values), max(values)
+    low, high = min(histogram), max(histogram)
     width = max(1, math.ceil((high - low + 1) / bins))
     edges = [low + i * width for i in range(math.ceil((high - low + 1) / width) + 1)]
     counts = [0] * (len(edges) - 1)
-    for value in values:
-        counts[min((value - low) // width, len(counts) - 1)] += 1
+    for value, count in histogram.items():
+        counts[min((value - low) // width, len(counts) - 1)] += count
     return {"edges": edges, "counts": counts}
+
+
+def _histogram(values) -> Counter:
+    lengths, counts = np.unique(np.asarray(values, dtype=np.int64), return_counts=True)
+    return Counter(dict(zip(lengths.tolist(), counts.tolist(), strict=True)))
 
 
 @dataclass
 class SplitStats:
-    """Counters for one split of one source (merge several with :meth:`merge`)."""
+    """Counters for one split of one source (merge several with :meth:`merge`); bounded memory: lengths are
+    kept as histograms."""
 
     rows: int = 0
+    kept: int = 0
     skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
     first_skipped: dict[str, str] = field(default_factory=dict)
     truncated_prompts: int = 0
     truncated_answers: int = 0
-    prompt_lens: list[int] = field(default_factory=list)
-    answer_lens: list[int] = field(default_factory=list)
-    sample_lens: list[int] = field(default_factory=list)
+    prompt_lens: Counter = field(default_factory=Counter)
+    answer_lens: Counter = field(default_factory=Counter)
+    sample_lens: Counter = field(default_factory=Counter)
+    num_tokens: int = 0
     num_supervised_tokens: int = 0
 
     def add_skip(self, reason: str, location: str, detail: str = "") -> None:
@@ -78,31 +103,49 @@ class SplitStats:
 
     def add_sample(self, sample: dict) -> None:
         """Count a tokenize_example() result (it carries the pre-truncation lengths)."""
-        self.prompt_lens.append(sample["num_prompt_tokens"])
-        self.answer_lens.append(sample["num_answer_tokens"])
-        self.sample_lens.append(len(sample["input_ids"]))
+        self.kept += 1
+        self.prompt_lens[sample["num_prompt_tokens"]] += 1
+        self.answer_lens[sample["num_answer_tokens"]] += 1
+        self.sample_lens[len(sample["input_ids"])] += 1
+        self.num_tokens += len(sample["input_ids"])
         self.truncated_prompts += bool(sample["prompt_truncated"])
         self.truncated_answers += bool(sample["answer_truncated"])
         self.num_supervised_tokens += sum(1 for label in sample["labels"] if label != -100)
 
+    def add_piece(self, piece) -> None:
+        """Count the samples of a :class:`easysft.data.pieces.Piece` (its skips are counted by the caller)."""
+        self.rows += piece.num_records
+        self.kept += len(piece.sample_lens)
+        if not len(piece.sample_lens):
+            return
+        self.prompt_lens.update(_histogram(piece.prompt_lens))
+        self.answer_lens.update(_histogram(piece.answer_lens))
+        self.sample_lens.update(_histogram(piece.sample_lens))
+        self.num_tokens += int(piece.sample_lens.sum())
+        self.truncated_prompts += int(piece.prompt_truncated.sum())
+        self.truncated_answers += int(piece.answer_truncated.sum())
+        self.num_supervised_tokens += int(piece.mask.sum())
+
     def merge(self, other: SplitStats) -> None:
         self.rows += other.rows
+        self.kept += other.kept
         for reason, count in other.skipped.items():
             self.skipped[reason] += count
         for reason, where in other.first_skipped.items():
             self.first_skipped.setdefault(reason, where)
         self.truncated_prompts += other.truncated_prompts
         self.truncated_answers += other.truncated_answers
-        self.prompt_lens += other.prompt_lens
-        self.answer_lens += other.answer_lens
-        self.sample_lens += other.sample_lens
+        self.prompt_lens.update(other.prompt_lens)
+        self.answer_lens.update(other.answer_lens)
+        self.sample_lens.update(other.sample_lens)
+        self.num_tokens += other.num_tokens
         self.num_supervised_tokens += other.num_supervised_tokens
 
     def to_dict(self) -> dict:
-        num_tokens = sum(self.sample_lens)
+        num_tokens = self.num_tokens
         return {
             "rows": self.rows,
-            "kept": len(self.sample_lens),
+            "kept": self.kept,
             "skipped": dict(self.skipped),
             "skipped_total": sum(self.skipped.values()),
             "first_skipped": dict(self.first_skipped),
@@ -185,6 +228,10 @@ def format_report(report: dict) -> str:
             f"    {source['name']} [{source['layout']}]: train {t['kept']}/{t['rows']} kept, "
             f"eval {e['kept']}/{e['rows']} kept ({source['eval_origin']})"
         )
+    if report.get("mixing"):
+        from easysft.data.mixing import format_mixing
+
+        lines += ["  " + line for line in format_mixing(report["mixing"])]
     cache = report.get("cache")
     if cache:
         lines.append(f"  cache: {'hit' if cache.get('hit') else 'built'} {cache.get('path')}")

@@ -24,16 +24,11 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 
-from easysft.config import parse_data_split
-from easysft.data.adapters import Layout, detect_layout
+from easysft.data.adapters import Layout
 from easysft.data.readers import (
     RawRecord,
-    dataset_records,
     format_location,
     open_hf_dataset,
-    read_json_file,
-    read_jsonl_file,
-    read_table_file,
 )
 from easysft.data.tokenize import Skip
 from easysft.errors import ConfigError, DataError
@@ -177,67 +172,6 @@ def _hash_file(path: str, digest) -> None:
 # Reading records, holding out eval, applying data_split
 
 
-def _read_file(path: str) -> list[RawRecord]:
-    lower = path.lower()
-    try:
-        if lower.endswith(".jsonl"):
-            return read_jsonl_file(path)
-        if lower.endswith(".json"):
-            return read_json_file(path)
-    except RecursionError:  # json's decoder recurses once per nesting level
-        raise DataError(f"{path}: JSON nested too deeply to read (thousands of levels); a row must be a flat "
-                        'object such as {"prompt": "...", "answer": "..."}.') from None
-    return read_table_file(path)
-
-
-def _columns(records: list[RawRecord]) -> list[str]:
-    seen: dict[str, None] = {}
-    for record in records:
-        if isinstance(record.value, dict):
-            seen.update(dict.fromkeys(record.value))
-    return list(seen)
-
-
-def _split_of(records: list[RawRecord], where: str) -> SourceSplit:
-    # Detect on the union of keys so one row lacking a key is a missing_key skip, not a layout error.
-    has_rows = any(isinstance(r.value, dict) for r in records)
-    return SourceSplit(records, detect_layout(_columns(records), where) if has_rows else None)
-
-
-def _read_raw(path: str) -> tuple[SourceSplit, SourceSplit | None]:
-    kind = source_kind(path)
-    if kind == "folder":
-        files = _split_files(path)
-        train = _split_of(_read_file(files["train"]), files["train"])
-        evals = _split_of(_read_file(files["eval"]), files["eval"]) if "eval" in files else None
-        return train, evals
-    if kind == "file":
-        return _split_of(_read_file(path), path), None
-    splits = open_hf_dataset(path)
-    if "train" in splits:
-        train_name = "train"
-    elif len(splits) == 1:
-        train_name = next(iter(splits))
-    else:
-        raise DataError(f"--data_path {path}: no 'train' split (splits found: {', '.join(splits)}); "
-                        "save the training rows as a split named 'train'.")
-    eval_name = next((n for n in EVAL_SPLIT_NAMES if n in splits and n != train_name), None)
-
-    def split(name: str) -> SourceSplit:
-        dataset = splits[name]
-        source = f"{path}[{name}]"
-        return SourceSplit(dataset_records(dataset, source), detect_layout(dataset.column_names, source))
-
-    return split(train_name), (split(eval_name) if eval_name else None)
-
-
-def _seeded_order(count: int, seed: int, tag: int):
-    import numpy as np
-
-    # A separate stream per purpose so the hold-out and the data_split choice are independent.
-    return np.random.default_rng([seed, tag]).permutation(count)
-
-
 def hold_out_count(num_rows: int, eval_fraction: float) -> int:
     """Rows held out for eval: ``round(n * eval_fraction)``, at least 1, and never every row."""
     if eval_fraction <= 0 or num_rows < 2:
@@ -245,53 +179,55 @@ def hold_out_count(num_rows: int, eval_fraction: float) -> int:
     return min(num_rows - 1, max(1, round(num_rows * eval_fraction)))
 
 
-def _take_share(records: list[RawRecord], share: float, seed: int, tag: int) -> list[RawRecord]:
-    if share >= 1.0 or not records:
-        return records
-    keep = max(1, round(len(records) * share))
-    chosen = sorted(_seeded_order(len(records), seed, tag)[:keep].tolist())
-    return [records[i] for i in chosen]
-
-
 def read_source(path: str, *, eval_fraction: float = 0.05, seed: int = 1234,
                 data_split: str = "10,0,0") -> SourceRecords:
-    """Read one ``--data_path`` entry into train/eval records (eval held out when the source has none)."""
-    train, evals = _read_raw(path)
-    if evals is not None:
-        origin = "eval split"
-    else:
-        total = len(train.records)
-        n_eval = hold_out_count(total, eval_fraction)
-        held = set(_seeded_order(total, seed, 1)[:n_eval].tolist())
-        evals = SourceSplit([r for i, r in enumerate(train.records) if i in held], train.layout)
-        train = SourceSplit([r for i, r in enumerate(train.records) if i not in held], train.layout)
-        origin = f"held out {n_eval} of {total} rows (eval_fraction {eval_fraction:g})"
-    sft_share = parse_data_split(data_split)[0]
-    train = SourceSplit(_take_share(train.records, sft_share, seed, 2), train.layout)
-    evals = SourceSplit(_take_share(evals.records, sft_share, seed, 3), evals.layout)
-    return SourceRecords(path, train, evals, origin)
+    """Read one ``--data_path`` entry into train/eval records (eval held out when the source has none).
+
+    Holds every record in memory (for tests and small data); preparation streams the same rows chunk by chunk
+    through :mod:`easysft.data.segments`, which owns the rules (hold-out, ``data_split``, layouts)."""
+    from easysft.data.segments import (  # segments builds on this module
+        EVAL,
+        TRAIN,
+        plan_source,
+        segment_records,
+    )
+
+    plan = plan_source(path, eval_fraction=eval_fraction, seed=seed, data_split=data_split)
+    records: dict[int, list[RawRecord]] = {TRAIN: [], EVAL: []}
+    layouts: dict[int, Layout | None] = {TRAIN: None, EVAL: None}
+    for segment in plan.segments:
+        for start, stop, payload in segment.chunks(1024):
+            assign = segment.assign[start:stop]
+            for k, record in enumerate(segment_records(segment, payload)):
+                if assign[k]:
+                    records[int(assign[k])].append(record)
+        for split in (TRAIN, EVAL):
+            if segment.fixed_split in (None, split):
+                layouts[split] = layouts[split] or segment.layout
+    return SourceRecords(path, SourceSplit(records[TRAIN], layouts[TRAIN]), SourceSplit(records[EVAL], layouts[EVAL]),
+                         plan.eval_origin)
 
 
 def to_rows(split: SourceSplit, multi_turn: bool = False) -> list[Example | SkippedRow]:
     """Records -> examples through the split's layout; unreadable or unmappable records become SkippedRow."""
     rows: list[Example | SkippedRow] = []
     for record in split.records:
-        value = record.value
-        if isinstance(value, Skip):
-            rows.append(SkippedRow(value.reason, value.detail, record.source, record.row))
-            continue
-        if not isinstance(value, dict):
-            rows.append(SkippedRow("missing_key", f"the row is a {type(value).__name__}, not an object",
-                                   record.source, record.row))
-            continue
-        out = split.layout.adapt(value, multi_turn)
-        if isinstance(out, Skip):
-            rows.append(SkippedRow(out.reason, out.detail, record.source, record.row))
-            continue
-        rows.extend(
-            Example(t.prompt, t.answer, [dict(c) for c in t.context], record.source, record.row) for t in out
-        )
+        rows.extend(record_rows(record, split.layout, multi_turn))
     return rows
+
+
+def record_rows(record: RawRecord, layout: Layout | None, multi_turn: bool = False) -> list[Example | SkippedRow]:
+    """One record -> its examples (several with ``multi_turn``), or one SkippedRow saying why it makes none."""
+    value = record.value
+    if isinstance(value, Skip):
+        return [SkippedRow(value.reason, value.detail, record.source, record.row)]
+    if not isinstance(value, dict):
+        return [SkippedRow("missing_key", f"the row is a {type(value).__name__}, not an object",
+                           record.source, record.row)]
+    out = layout.adapt(value, multi_turn)
+    if isinstance(out, Skip):
+        return [SkippedRow(out.reason, out.detail, record.source, record.row)]
+    return [Example(t.prompt, t.answer, [dict(c) for c in t.context], record.source, record.row) for t in out]
 
 
 def strict_error(skipped: SkippedRow) -> DataError:
@@ -316,15 +252,19 @@ def load_examples(data_path, split: str = "train", *, eval_fraction: float = 0.0
     paths = [data_path] if isinstance(data_path, str) else list(data_path)
     if not paths:
         raise ConfigError("--data_path is required: give a data folder, file or Hugging Face dataset.")
+    from easysft.data.segments import iter_split_records  # segments builds on this module
+
     out: list[Example] = []
     for path in paths:
-        source = read_source(path, eval_fraction=eval_fraction, seed=seed, data_split=data_split)
-        for row in to_rows(getattr(source, split), multi_turn):
-            if isinstance(row, SkippedRow):
-                if strict:
-                    raise strict_error(row)
-                if skipped is not None:
-                    skipped.append(row)
-                continue
-            out.append(row)
+        # Read chunk by chunk: only the split's examples are kept, never the whole source's records.
+        for record, layout in iter_split_records(path, split, eval_fraction=eval_fraction, seed=seed,
+                                                 data_split=data_split):
+            for row in record_rows(record, layout, multi_turn):
+                if isinstance(row, SkippedRow):
+                    if strict:
+                        raise strict_error(row)
+                    if skipped is not None:
+                        skipped.append(row)
+                    continue
+                out.append(row)
     return out

@@ -25,6 +25,8 @@ from easysft.config.paths import check_output_folder, output_folder_lock
 from easysft.data.batching import materialise, plan_epoch, plan_packed_epoch
 from easysft.data.collate import collate, pack
 from easysft.data.dataset import PreparedData, prepare_data
+from easysft.data.mixing import format_mixing
+from easysft.data.samples import sample_lengths
 from easysft.data.tokenize import IGNORE_INDEX
 from easysft.distributed import DistInfo, barrier, print0
 from easysft.engines import choose_engine, make_engine
@@ -93,12 +95,16 @@ class Run:
         budget the rows are best-fit bins, which pack tighter but group samples by length.
         """
         cfg, dist = self.train_cfg, self.dist
+        mixing = getattr(self.data, "mixing", None)
+        population = mixing.population(cfg.seed, epoch) if mixing is not None else None  # --data_weights
         if cfg.packing and cfg.packing_max_tokens:
-            return plan_packed_epoch([len(s["input_ids"]) for s in self.data.train], max_tokens=cfg.packing_max_tokens,
-                                     seed=cfg.seed, epoch=epoch, rank=dist.rank, world_size=dist.world_size)
-        lengths = [len(s["input_ids"]) for s in self.data.train] if cfg.group_by_length else None
+            return plan_packed_epoch(sample_lengths(self.data.train), max_tokens=cfg.packing_max_tokens,
+                                     seed=cfg.seed, epoch=epoch, rank=dist.rank, world_size=dist.world_size,
+                                     population=population)
+        lengths = sample_lengths(self.data.train) if cfg.group_by_length else None
         return plan_epoch(len(self.data.train), micro_batch_size=cfg.per_device_train_batch_size, seed=cfg.seed,
-                          epoch=epoch, rank=dist.rank, world_size=dist.world_size, lengths=lengths)
+                          epoch=epoch, rank=dist.rank, world_size=dist.world_size, lengths=lengths,
+                          population=population)
 
     def make_batch(self, indices) -> dict[str, torch.Tensor]:
         samples = materialise(indices, self.data.train)
@@ -137,6 +143,8 @@ def setup(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig, 
     data = prepare_data(data_cfg, tokenizer, seed=train_cfg.seed, debug=train_cfg.debug, is_main=dist.is_main)
     if dist.is_main and train_cfg.debug and data.train:
         print0(render_sample(tokenizer, data.train[0]))
+    if data.mixing is not None:
+        print0("\n".join(format_mixing(data.report["mixing"])))
     model = load_model(resolved.path, dtype="fp32", trust_remote_code=model_cfg.trust_remote_code,
                        adapter_path=resolved.adapter_path, adapter_trainable=True)
     if lora_cfg.enabled:

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from easysft.config import DataConfig
-from easysft.data import cache, dataset
+from easysft.data import cache, pieces
 from easysft.data.dataset import prepare_data
 from easysft.errors import DataError
 
@@ -17,13 +17,13 @@ from easysft.errors import DataError
 def count_tokenize(monkeypatch):
     """Counts the rows prepare_data tokenizes (through the batched tokenize_examples)."""
     calls = {"n": 0}
-    real = dataset.tokenize_examples
+    real = pieces.tokenize_examples
 
     def counting(tokenizer, rows, **kwargs):
         calls["n"] += len(rows)
         return real(tokenizer, rows, **kwargs)
 
-    monkeypatch.setattr(dataset, "tokenize_examples", counting)
+    monkeypatch.setattr(pieces, "tokenize_examples", counting)
     return calls
 
 
@@ -119,26 +119,28 @@ def test_cache_dir_flag_is_used(tokenizer, qa_data_dir, tmp_path):
 
 
 def test_crash_during_write_leaves_no_loadable_entry(tokenizer, qa_data_dir, monkeypatch, count_tokenize):
-    real = cache._save_split
+    from easysft.data.samples import SplitWriter
 
-    def crash_on_eval(folder, split, samples):
-        if split == "eval":
+    real = SplitWriter.append
+
+    def crash_on_eval(self, ids, mask, lengths):
+        if self._ids.name.endswith("eval_ids.bin") and len(lengths):
             raise KeyboardInterrupt  # as if the process died half way
-        real(folder, split, samples)
+        real(self, ids, mask, lengths)
 
-    monkeypatch.setattr(cache, "_save_split", crash_on_eval)
+    monkeypatch.setattr(SplitWriter, "append", crash_on_eval)
     with pytest.raises(KeyboardInterrupt):
         prepare_data(cfg(qa_data_dir), tokenizer)
     root = os.environ["EASYSFT_DATA_CACHE"]
     assert os.listdir(root) == []  # neither an entry nor a temp folder is left
-    monkeypatch.setattr(cache, "_save_split", real)
+    monkeypatch.setattr(SplitWriter, "append", real)
     again = prepare_data(cfg(qa_data_dir), tokenizer)
     assert again.report["cache"]["hit"] is False and len(again.train) == 8
 
 
 def test_corrupt_entry_is_rebuilt(tokenizer, qa_data_dir):
     first = prepare_data(cfg(qa_data_dir), tokenizer)
-    os.remove(os.path.join(first.report["cache"]["path"], "train_ids.npy"))
+    os.remove(os.path.join(first.report["cache"]["path"], "train_ids.bin"))
     second = prepare_data(cfg(qa_data_dir), tokenizer)
     assert second.report["cache"]["hit"] is False and second.train == first.train
     assert prepare_data(cfg(qa_data_dir), tokenizer).report["cache"]["hit"] is True
@@ -161,7 +163,7 @@ def test_non_main_rank_loads_the_entry_and_never_tokenizes(tokenizer, qa_data_di
     def forbidden(*args, **kwargs):
         raise AssertionError("a non-main rank must not tokenize")
 
-    monkeypatch.setattr(dataset, "tokenize_examples", forbidden)
+    monkeypatch.setattr(pieces, "tokenize_examples", forbidden)
     other = prepare_data(cfg(qa_data_dir), tokenizer, is_main=False, wait_timeout_s=5)
     assert other.train == main.train and other.eval == main.eval
 

@@ -1,0 +1,147 @@
+"""Tokenized samples on disk: written in chunks, read back through memory maps.
+
+One split of a cache entry is three raw little-endian files (no header; the dtype is part of the cache format):
+
+- ``{split}_ids.bin``      int32, every sample's ``input_ids`` concatenated;
+- ``{split}_offsets.bin``  int64, ``num_samples + 1`` values; sample ``i`` is ``ids[offsets[i]:offsets[i + 1]]``;
+- ``{split}_mask.bin``     uint8, 1 where the token is supervised (its label is the token), 0 where it is -100.
+
+:class:`SplitWriter` appends chunk after chunk (memory bounded by one chunk, whatever the number of rows) and
+:class:`SampleView` reads the files with ``np.memmap``: every process that opens the same entry shares one copy
+in the page cache, and a sample costs private memory only while a batch holds it. A view behaves like the
+``list[dict]`` it replaced: ``len``, indexing (``{"input_ids": [...], "labels": [...]}``, lists of ints),
+iteration, ``==`` against another view or a list; :attr:`SampleView.lengths` gives every sample's length at once.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from easysft.data.tokenize import IGNORE_INDEX
+
+IDS_DTYPE = np.dtype("<i4")
+OFFSETS_DTYPE = np.dtype("<i8")
+MASK_DTYPE = np.dtype("u1")
+
+
+def split_files(folder: str, split: str) -> dict[str, str]:
+    return {part: os.path.join(folder, f"{split}_{part}.bin") for part in ("ids", "offsets", "mask")}
+
+
+class SplitWriter:
+    """Append samples (as arrays) to one split's files; :meth:`close` writes the offsets' last chunk."""
+
+    def __init__(self, folder: str, split: str):
+        files = split_files(folder, split)
+        self._ids = open(files["ids"], "wb")  # noqa: SIM115 -- closed in close(); lives across many appends
+        self._mask = open(files["mask"], "wb")  # noqa: SIM115
+        self._offsets = open(files["offsets"], "wb")  # noqa: SIM115
+        self._offsets.write(np.zeros(1, OFFSETS_DTYPE).tobytes())
+        self.num_tokens = 0
+        self.num_samples = 0
+
+    def append(self, ids: np.ndarray, mask: np.ndarray, lengths: np.ndarray) -> None:
+        """``ids``/``mask``: the tokens of ``len(lengths)`` consecutive samples, concatenated."""
+        if len(lengths) == 0:
+            return
+        self._ids.write(np.ascontiguousarray(ids, IDS_DTYPE).tobytes())
+        self._mask.write(np.ascontiguousarray(mask, MASK_DTYPE).tobytes())
+        ends = self.num_tokens + np.cumsum(lengths, dtype=np.int64)
+        self._offsets.write(ends.astype(OFFSETS_DTYPE).tobytes())
+        self.num_tokens = int(ends[-1])
+        self.num_samples += len(lengths)
+
+    def append_samples(self, samples: Sequence[dict]) -> None:
+        """Append sample dicts (``input_ids``/``labels`` lists); a supervised label must equal its token."""
+        if not samples:
+            return
+        ids = np.fromiter((t for s in samples for t in s["input_ids"]), dtype=np.int64)
+        labels = np.fromiter((t for s in samples for t in s["labels"]), dtype=np.int64, count=len(ids))
+        mask = labels != IGNORE_INDEX
+        # Invariant (docs/ARCHITECTURE.md rule 1): a supervised label is the token itself, so a mask is enough.
+        assert np.array_equal(labels[mask], ids[mask]), "supervised labels must equal their input ids"
+        self.append(ids, mask, np.array([len(s["input_ids"]) for s in samples], dtype=np.int64))
+
+    def close(self) -> None:
+        for handle in (self._ids, self._mask, self._offsets):
+            handle.close()
+
+
+def _map(path: str, dtype: np.dtype) -> np.ndarray:
+    size = os.path.getsize(path)
+    if size % dtype.itemsize:
+        raise ValueError(f"{path}: size {size} is not a multiple of {dtype.itemsize}")
+    if size == 0:  # mmap cannot map an empty file
+        return np.zeros(0, dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+class SampleView(Sequence):
+    """Read-only, memory-mapped samples of one split (see the module docstring)."""
+
+    def __init__(self, ids: np.ndarray, offsets: np.ndarray, mask: np.ndarray):
+        if len(offsets) < 1 or len(ids) != len(mask) or int(offsets[-1]) != len(ids):
+            raise ValueError("sample arrays of inconsistent lengths")
+        self._ids, self._offsets, self._mask = ids, offsets, mask
+
+    @classmethod
+    def open(cls, folder: str, split: str) -> SampleView:
+        files = split_files(folder, split)
+        return cls(_map(files["ids"], IDS_DTYPE), _map(files["offsets"], OFFSETS_DTYPE),
+                   _map(files["mask"], MASK_DTYPE))
+
+    @classmethod
+    def from_samples(cls, samples: Sequence[dict]) -> SampleView:
+        """An in-memory view of sample dicts (tests, small data)."""
+        lengths = np.array([len(s["input_ids"]) for s in samples], dtype=np.int64)
+        offsets = np.zeros(len(samples) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        ids = np.array([t for s in samples for t in s["input_ids"]], dtype=np.int32)
+        mask = np.array([t != IGNORE_INDEX for s in samples for t in s["labels"]], dtype=np.uint8)
+        return cls(ids, offsets, mask)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample {index} out of range ({len(self)} samples)")
+        start, stop = int(self._offsets[index]), int(self._offsets[index + 1])
+        ids = np.asarray(self._ids[start:stop], dtype=np.int64)
+        labels = np.where(self._mask[start:stop].astype(bool), ids, IGNORE_INDEX)
+        return {"input_ids": ids.tolist(), "labels": labels.tolist()}
+
+    def __iter__(self) -> Iterator[dict]:
+        return (self[i] for i in range(len(self)))
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Every sample's token count (int64, a fresh array of ``len(self)`` values)."""
+        return np.diff(np.asarray(self._offsets))
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, SampleView):
+            return (np.array_equal(self._offsets, other._offsets) and np.array_equal(self._ids, other._ids)
+                    and np.array_equal(self._mask, other._mask))
+        if isinstance(other, Sequence) and not isinstance(other, str):
+            return len(other) == len(self) and all(a == b for a, b in zip(self, other, strict=True))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # mutable-looking sequence semantics, like a list
+
+    def __repr__(self) -> str:
+        return f"SampleView({len(self)} samples, {len(self._ids)} tokens)"
+
+
+def sample_lengths(samples: Sequence[dict]) -> Sequence[int]:
+    """Token count of every sample: read from the offsets of a :class:`SampleView`, counted for a list."""
+    if isinstance(samples, SampleView):
+        return samples.lengths
+    return [len(s["input_ids"]) for s in samples]
