@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from easysft.config.fields import ENGINES, LR_SCHEDULERS, _help
+from easysft.config.fields import ENGINES, LR_SCHEDULERS, OPTIMIZERS, _help
 from easysft.dtypes import DTYPES
 from easysft.errors import ConfigError
 
@@ -103,6 +103,20 @@ class TrainConfig:
     deepspeed_config: str | None = field(default=None, metadata=_help("A DeepSpeed JSON config to pass through."))
     local_rank: int = field(default=-1, metadata=_help("Set by the deepspeed launcher; leave alone."))
     tensorboard: bool = field(default=True, metadata=_help("Write TensorBoard event files."))
+    optim: str = field(
+        default="adamw",
+        metadata=_help("Optimizer: adamw (fused torch AdamW), adamw_8bit (bitsandbytes, 8-bit state), "
+                       "paged_adamw_8bit (bitsandbytes, CUDA: state paged to CPU under pressure), adamw_4bit "
+                       "(torchao, 4-bit state). Single process, DDP."),
+    )
+    offload_activations: bool = field(
+        default=False,
+        metadata=_help("Keep the activations saved for the backward pass in (pinned) CPU memory and bring them back "
+                       "for the backward pass: less GPU memory for long rows, at the cost of transfers."),
+    )
+    skip_memory_check: bool = field(
+        default=False, metadata=_help("Start even when the memory estimate says the run does not fit the device.")
+    )
 
     def __post_init__(self) -> None:
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
@@ -138,5 +152,7 @@ class TrainConfig:
             )
         if self.max_nonfinite_steps < 1:
             raise ConfigError(f"--max_nonfinite_steps must be at least 1, got {self.max_nonfinite_steps}.")
+        if self.optim not in OPTIMIZERS:
+            raise ConfigError(f"--optim {self.optim!r} is unknown; choose one of: {', '.join(OPTIMIZERS)}.")
 
 

@@ -31,6 +31,7 @@ from easysft.files import write_json_atomic
 from easysft.metrics import MetricsLogger
 from easysft.models.load import load_model, load_tokenizer, resolve_model_path
 from easysft.testing_hooks import TestingHooks, testing_hooks
+from easysft.training.memory_check import check_memory_flags, check_run_memory
 
 DEBUG_MAX_STEPS = 8
 
@@ -124,6 +125,7 @@ def setup(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig, 
     engine = make_engine(choose_engine(train_cfg, dist), dist)  # initialises torch.distributed if launched
     if train_cfg.dtype == "fp16" and dist.device.type != "cuda":
         raise ConfigError("--dtype fp16 needs a CUDA device; use --dtype bf16 or fp32 on CPU.")
+    check_memory_flags(model_cfg, train_cfg, lora_cfg, engine=engine.name, device=dist.device)
     output_dir = prepare_output_dir(train_cfg, dist)
     resume_path = checkpoint.find_resume_checkpoint(train_cfg.resume, output_dir) if train_cfg.resume else None
 
@@ -135,14 +137,24 @@ def setup(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig, 
     data = prepare_data(data_cfg, tokenizer, seed=train_cfg.seed, debug=train_cfg.debug, is_main=dist.is_main)
     if dist.is_main and train_cfg.debug and data.train:
         print0(render_sample(tokenizer, data.train[0]))
+    check_run_memory(model_cfg, data_cfg, train_cfg, lora_cfg, resolved.path, run_data=data, engine=engine, dist=dist)
     model = load_model(resolved.path, dtype="fp32", trust_remote_code=model_cfg.trust_remote_code,
-                       adapter_path=resolved.adapter_path, adapter_trainable=True)
+                       adapter_path=resolved.adapter_path, adapter_trainable=True,
+                       quantization=model_cfg.quantization, double_quant=model_cfg.double_quant, device=dist.device)
+    if model_cfg.quantization != "none":
+        from easysft.models.quantize import describe_quantization
+
+        print0(describe_quantization(model, model_cfg.quantization, model_cfg.double_quant))
     if lora_cfg.enabled:
         from easysft.models.lora import apply_lora, describe_lora
 
         model = apply_lora(model, lora_cfg)
         print0(describe_lora(model, lora_cfg))  # says what trains besides the adapters
     model = engine.prepare_model(model, train_cfg)
+    if train_cfg.offload_activations:
+        from easysft.kernels.offload import offload_saved_activations
+
+        offload_saved_activations(model, pin_memory=dist.device.type == "cuda")
     if train_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
