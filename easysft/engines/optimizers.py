@@ -35,6 +35,9 @@ def check_optim(optim: str, *, engine: str, device_type: str) -> None:
     if engine not in ("single", "ddp"):
         raise ConfigError(f"--optim {optim} runs with the single-process and DDP engines only (this run uses "
                           f"{engine}); use --optim adamw there, or train without FSDP2/DeepSpeed.")
+    from easysft.models.quantize import require_package
+
+    require_package("torchao" if optim == "adamw_4bit" else "bitsandbytes", f"--optim {optim}")
     if optim.startswith("paged_") and device_type != "cuda":
         raise ConfigError(f"--optim {optim} pages optimizer state between GPU and CPU memory and needs CUDA; "
                           "on CPU use --optim adamw_8bit.")

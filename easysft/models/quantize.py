@@ -38,6 +38,7 @@ def check_quantization(quantization: str, *, lora_enabled: bool, only_optimize_l
     if not only_optimize_lora:
         raise ConfigError(f"--quantization {quantization} cannot train the quantized base weights: drop "
                           "--only_optimize_lora false.")
+    require_package("bitsandbytes", f"--quantization {quantization}")
     if engine not in ("single", "ddp"):
         raise ConfigError(f"--quantization {quantization} runs with the single-process and DDP engines only (this "
                           f"run uses {engine}); launch with torchrun without --engine fsdp / DeepSpeed.")
@@ -77,3 +78,11 @@ def describe_quantization(model: torch.nn.Module, quantization: str, double_quan
                  if type(m).__name__ in ("Linear4bit", "Linear8bitLt") for p in m.parameters(recurse=False))
     return (f"quantization: {count_quantized_layers(model)} linear layers in {kind} with bitsandbytes, "
             f"{nbytes / 2**20:.1f} MiB")
+
+
+def require_package(name: str, flag: str) -> None:
+    """ConfigError naming the install command when the library behind ``flag`` is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec(name) is None:
+        raise ConfigError(f"{flag} needs the {name} package: pip install 'easysft[lowmem]'.")

@@ -22,8 +22,8 @@ from easysft.metrics import plot_losses
 from easysft.models.save import save_model_folder
 from easysft.testing_hooks import maybe_fail
 from easysft.training import signals
-from easysft.training.run import Run, TrainResult, setup
 from easysft.training.memory_check import out_of_memory_at
+from easysft.training.run import Run, TrainResult, setup
 from easysft.training.step import StepRecord, train_step
 
 __all__ = ["TrainResult", "train"]

@@ -9,8 +9,14 @@ from __future__ import annotations
 import torch
 
 from easysft.distributed import print0
-from easysft.errors import ConfigError, TrainingError
-from easysft.training.memory_estimate import GiB, count_params, device_capacity_bytes, estimate_memory, largest_step
+from easysft.errors import TrainingError
+from easysft.training.memory_estimate import (
+    GiB,
+    count_params,
+    device_capacity_bytes,
+    estimate_memory,
+    largest_step,
+)
 
 # Refuse only when the estimate is this much over the device: the estimate is meant to be within ~20%.
 REFUSE_FACTOR = 1.2

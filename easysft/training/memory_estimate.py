@@ -154,8 +154,9 @@ def estimate_memory(counts: ParamCounts, step: StepShape, *, lora: bool, only_op
                     quantization: str = "none", double_quant: bool = False, optim: str = "adamw",
                     engine: str = "single", zero_stage: int = 0, world_size: int = 1, dtype: str = "fp32",
                     lean: bool = True, checkpointing: bool = False, offload: bool = False,
-                    device: torch.device = torch.device("cpu")) -> MemoryEstimate:
-    """The expected peak of one device (see the module docstring)."""
+                    device: torch.device | None = None) -> MemoryEstimate:
+    """The expected peak of one device (see the module docstring); ``device`` defaults to the CPU."""
+    device = device if device is not None else torch.device("cpu")
     w_div, g_div, o_div = _shards(engine, zero_stage, world_size)
     if is_quantized(quantization):
         bits = BITS_PER_WEIGHT["4bit+double_quant" if double_quant else quantization]
