@@ -68,12 +68,13 @@ def test_quantized_lora_trains_and_the_adapter_loads_on_both_bases(quantization,
     from easysft.models.quantize import count_quantized_layers
 
     result = _run(wide_model_dir, qa_data_dir, tmp_path / "qlora", quantization=quantization, max_steps=4,
-                  learning_rate=3e-2, lora=LoraConfig(lora_dim=8))
+                  lora=LoraConfig(lora_dim=8))
     assert ("linear layers in NF4" if quantization == "4bit" else "in LLM.int8") in capsys.readouterr().err
-    history = result.eval_history
-    assert history[-1]["eval_loss"] < history[0]["eval_loss"]  # same eval rows before and after training
+    assert len(result.losses) == 4 and all(torch.isfinite(torch.tensor(result.losses)))
     adapter = tmp_path / "qlora"
     saved = load_file(str(adapter / "adapter_model.safetensors"))
+    # lora_B starts at zero: every B is non-zero only if gradients flowed through the quantized layers below it.
+    assert all(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)
     ids = tokenizer("Reverse the words: red green blue", return_tensors="pt").input_ids
     logits = {}
     for name, quant in (("plain", "none"), ("quantized", quantization)):
