@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from easysft.config.fields import QUANTIZATIONS, _help
+from easysft.config.fields import _help
 from easysft.errors import ConfigError
 
 
@@ -23,24 +23,10 @@ class ModelConfig:
     trust_remote_code: bool = field(
         default=False, metadata=_help("Allow model code from the checkpoint to run (off unless given).")
     )
-    quantization: str = field(
-        default="none",
-        metadata=_help("QLoRA: load the frozen base weights quantized with bitsandbytes, '4bit' (NF4, bf16 compute) "
-                       "or '8bit' (LLM.int8); needs --lora_dim. Other weights are kept in bf16.",
-                       resume_sensitive=True),
-    )
-    double_quant: bool = field(
-        default=False, metadata=_help("With --quantization 4bit: also quantize the block scales (~0.4 bit/weight less).")
-    )
 
     def __post_init__(self) -> None:
         if not self.model_name_or_path:
             raise ConfigError("--model_name_or_path is empty: give a folder, a hub id, or 'bundled'.")
-        if self.quantization not in QUANTIZATIONS:
-            raise ConfigError(f"--quantization {self.quantization!r} is unknown; choose one of: "
-                              f"{', '.join(QUANTIZATIONS)}.")
-        if self.double_quant and self.quantization != "4bit":
-            raise ConfigError("--double_quant applies to --quantization 4bit only; add it or drop --double_quant.")
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from easysft.config.fields import ENGINES, LR_SCHEDULERS, OPTIMIZERS, _help
+from easysft.config.fields import ENGINES, LR_SCHEDULERS, OPTIMIZERS, QUANTIZATIONS, _help
 from easysft.dtypes import DTYPES
 from easysft.errors import ConfigError
 
@@ -72,7 +72,7 @@ class TrainConfig:
     lean_activations: bool = field(
         default=True,
         metadata=_help("Single process or DDP, Llama-style models: RMSNorm and SwiGLU MLP keep only their inputs "
-                       "for the backward pass and recompute the rest, norm outputs included (about 45% less "
+                       "for the backward pass and recompute the rest, norm outputs included (about 45 percent less "
                        "activation memory, same outputs); single process: the LM head's weight gradient is added "
                        "after the backward pass."),
     )
@@ -117,6 +117,15 @@ class TrainConfig:
     skip_memory_check: bool = field(
         default=False, metadata=_help("Start even when the memory estimate says the run does not fit the device.")
     )
+    quantization: str = field(
+        default="none",
+        metadata=_help("QLoRA: load the frozen base weights quantized with bitsandbytes, '4bit' (NF4, bf16 compute) "
+                       "or '8bit' (LLM.int8); needs --lora_dim. Other frozen weights are kept in bf16.",
+                       resume_sensitive=True),
+    )
+    double_quant: bool = field(
+        default=False, metadata=_help("With --quantization 4bit: also quantize the block scales (~0.4 bit/weight less).")
+    )
 
     def __post_init__(self) -> None:
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
@@ -154,5 +163,10 @@ class TrainConfig:
             raise ConfigError(f"--max_nonfinite_steps must be at least 1, got {self.max_nonfinite_steps}.")
         if self.optim not in OPTIMIZERS:
             raise ConfigError(f"--optim {self.optim!r} is unknown; choose one of: {', '.join(OPTIMIZERS)}.")
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"--quantization {self.quantization!r} is unknown; choose one of: "
+                              f"{', '.join(QUANTIZATIONS)}.")
+        if self.double_quant and self.quantization != "4bit":
+            raise ConfigError("--double_quant applies to --quantization 4bit only; add it or drop --double_quant.")
 
 

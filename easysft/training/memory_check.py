@@ -25,12 +25,12 @@ LEVERS = ("--lora_dim 16, --quantization 4bit (with LoRA), --optim adamw_8bit, -
           "--max_prompt_len/--max_ans_len")
 
 
-def check_memory_flags(model_cfg, train_cfg, lora_cfg, *, engine: str, device: torch.device) -> None:
+def check_memory_flags(train_cfg, lora_cfg, *, engine: str, device: torch.device) -> None:
     """One-line ConfigErrors for --quantization / --optim combinations that cannot run here."""
     from easysft.engines.optimizers import check_optim
     from easysft.models.quantize import check_quantization
 
-    check_quantization(model_cfg.quantization, lora_enabled=lora_cfg.enabled,
+    check_quantization(train_cfg.quantization, lora_enabled=lora_cfg.enabled,
                        only_optimize_lora=lora_cfg.only_optimize_lora, engine=engine)
     check_optim(train_cfg.optim, engine=engine, device_type=device.type)
 
@@ -46,7 +46,7 @@ def check_run_memory(model_cfg, data_cfg, train_cfg, lora_cfg, model_path: str, 
                         packing=train_cfg.packing, packing_max_tokens=train_cfg.packing_max_tokens)
     estimate = estimate_memory(
         counts, step, lora=lora_cfg.enabled, only_optimize_lora=lora_cfg.only_optimize_lora,
-        quantization=model_cfg.quantization, double_quant=model_cfg.double_quant, optim=train_cfg.optim,
+        quantization=train_cfg.quantization, double_quant=train_cfg.double_quant, optim=train_cfg.optim,
         engine=engine.name, zero_stage=train_cfg.zero_stage, world_size=dist.world_size, dtype=train_cfg.dtype,
         lean=train_cfg.lean_activations, checkpointing=train_cfg.gradient_checkpointing,
         offload=train_cfg.offload_activations, device=dist.device)

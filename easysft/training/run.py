@@ -125,7 +125,7 @@ def setup(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig, 
     engine = make_engine(choose_engine(train_cfg, dist), dist)  # initialises torch.distributed if launched
     if train_cfg.dtype == "fp16" and dist.device.type != "cuda":
         raise ConfigError("--dtype fp16 needs a CUDA device; use --dtype bf16 or fp32 on CPU.")
-    check_memory_flags(model_cfg, train_cfg, lora_cfg, engine=engine.name, device=dist.device)
+    check_memory_flags(train_cfg, lora_cfg, engine=engine.name, device=dist.device)
     output_dir = prepare_output_dir(train_cfg, dist)
     resume_path = checkpoint.find_resume_checkpoint(train_cfg.resume, output_dir) if train_cfg.resume else None
 
@@ -140,11 +140,11 @@ def setup(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig, 
     check_run_memory(model_cfg, data_cfg, train_cfg, lora_cfg, resolved.path, run_data=data, engine=engine, dist=dist)
     model = load_model(resolved.path, dtype="fp32", trust_remote_code=model_cfg.trust_remote_code,
                        adapter_path=resolved.adapter_path, adapter_trainable=True,
-                       quantization=model_cfg.quantization, double_quant=model_cfg.double_quant, device=dist.device)
-    if model_cfg.quantization != "none":
+                       quantization=train_cfg.quantization, double_quant=train_cfg.double_quant, device=dist.device)
+    if train_cfg.quantization != "none":
         from easysft.models.quantize import describe_quantization
 
-        print0(describe_quantization(model, model_cfg.quantization, model_cfg.double_quant))
+        print0(describe_quantization(model, train_cfg.quantization, train_cfg.double_quant))
     if lora_cfg.enabled:
         from easysft.models.lora import apply_lora, describe_lora
 

@@ -34,8 +34,8 @@ WIDE_LORA = LoraConfig(lora_dim=32, lora_module_name="q_proj,down_proj")
 def _run(model_dir, data_dir, out, *, lora=WIDE_LORA, quantization="none", **train_kwargs):
     kwargs = dict(per_device_train_batch_size=2, max_steps=4, learning_rate=1e-2, lr_scheduler_type="linear",
                   tensorboard=False) | train_kwargs
-    return train(ModelConfig(model_name_or_path=model_dir, quantization=quantization), DataConfig(data_path=[data_dir]),
-                 TrainConfig(output_dir=str(out), **kwargs), lora)
+    return train(ModelConfig(model_name_or_path=model_dir), DataConfig(data_path=[data_dir]),
+                 TrainConfig(output_dir=str(out), quantization=quantization, **kwargs), lora)
 
 
 @pytest.mark.parametrize("optim,quantized_state", [("adamw_8bit", torch.uint8), ("adamw_4bit", "OptimState4bit")])
