@@ -6,7 +6,8 @@
   master weights; ``--dtype bf16`` is autocast), or under ``--quantization`` the decoder's linear layers at
   4.5 / ~4.1 (double quant) / 8 bits and the rest in bf16; LoRA adapters in fp32. Sharded over ranks by FSDP2 and
   ZeRO-3.
-- **gradients**: 4 bytes per trainable parameter (sharded by FSDP2, ZeRO-2/3).
+- **gradients**: 4 bytes per trainable parameter (sharded by FSDP2, ZeRO-2/3); twice that under DDP, whose
+  reducer keeps its own gradient buckets.
 - **optimizer**: per trainable parameter 8 bytes for AdamW, ~2 for the 8-bit and ~1 for the 4-bit variants
   (engines/optimizers.py; sharded by FSDP2 and ZeRO-1/2/3).
 - **activations** of the largest micro-batch the data can produce (the longest padded rows, or the fullest packed
@@ -169,7 +170,8 @@ def estimate_memory(counts: ParamCounts, step: StepShape, *, lora: bool, only_op
                                    checkpointing=checkpointing, offload=offload, device_type=device.type,
                                    bytes_per_value=bytes_per_value)
     runtime = current_rss_bytes() if device.type == "cpu" else CUDA_CONTEXT_BYTES
-    return MemoryEstimate(weights=int(weights / w_div), gradients=int(trainable * 4 / g_div),
+    grad_copies = 2 if engine == "ddp" else 1  # DDP's reducer buckets (no gradient_as_bucket_view)
+    return MemoryEstimate(weights=int(weights / w_div), gradients=int(grad_copies * trainable * 4 / g_div),
                           optimizer=int(trainable * STATE_BYTES_PER_PARAM[optim] / o_div),
                           activations=activations, runtime=int(runtime), step=step)
 

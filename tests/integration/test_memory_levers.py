@@ -199,3 +199,21 @@ def test_check_functions_name_the_engine():
     with pytest.raises(ConfigError, match="deepspeed"):
         check_optim("adamw_4bit", engine="deepspeed", device_type="cuda")
     check_optim("paged_adamw_8bit", engine="ddp", device_type="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_qlora_with_paged_8bit_adamw_on_cuda(wide_model_dir, qa_data_dir, tmp_path):
+    """The CUDA-only combination: 4-bit base quantized onto the GPU, paged 8-bit AdamW, a resume."""
+    from easysft.training import signals
+
+    kwargs = dict(quantization="4bit", double_quant=True, optim="paged_adamw_8bit", lora=LoraConfig(lora_dim=32),
+                  save_steps=2, dtype="bf16")
+    full = _run(wide_model_dir, qa_data_dir, tmp_path / "full", **kwargs)
+    assert all(torch.isfinite(torch.tensor(full.losses)))
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("EASYSFT_STOP_AFTER_STEP", "2")
+        with pytest.raises(signals.Preempted):
+            _run(wide_model_dir, qa_data_dir, tmp_path / "stopped", **kwargs)
+    resumed = _run(wide_model_dir, qa_data_dir, tmp_path / "stopped", resume="latest", **kwargs)
+    assert resumed.losses == pytest.approx(full.losses, rel=1e-3)
