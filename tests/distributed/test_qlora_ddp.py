@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from tests.distributed.dist_launch import launch_env, read_losses, run, run_many, torchrun_cmd
 
-pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(1500)]  # 3 processes; slow when shared
 
 
 def test_qlora_ddp_matches_one_process(tiny_model_dir, qa_data_dir, tmp_path):
