@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from easysft.config.fields import ENGINES, LR_SCHEDULERS, _help
+from easysft.config.fields import ENGINES, LR_SCHEDULERS, OPTIMIZERS, QUANTIZATIONS, _help
 from easysft.config.values import normalise_fields
 from easysft.dtypes import DTYPES
 from easysft.errors import ConfigError
@@ -74,7 +74,7 @@ class TrainConfig:
     lean_activations: bool = field(
         default=True,
         metadata=_help("Single process or DDP, Llama-style models: RMSNorm and SwiGLU MLP keep only their inputs "
-                       "for the backward pass and recompute the rest, norm outputs included (about 45% less "
+                       "for the backward pass and recompute the rest, norm outputs included (about 45 percent less "
                        "activation memory, same outputs); single process: the LM head's weight gradient is added "
                        "after the backward pass."),
     )
@@ -105,6 +105,29 @@ class TrainConfig:
     deepspeed_config: str | None = field(default=None, metadata=_help("A DeepSpeed JSON config to pass through."))
     local_rank: int = field(default=-1, metadata=_help("Set by the deepspeed launcher; leave alone."))
     tensorboard: bool = field(default=True, metadata=_help("Write TensorBoard event files."))
+    optim: str = field(
+        default="adamw",
+        metadata=_help("Optimizer: adamw (fused torch AdamW), adamw_8bit (bitsandbytes, 8-bit state), "
+                       "paged_adamw_8bit (bitsandbytes, CUDA: state paged to CPU under pressure), adamw_4bit "
+                       "(torchao, 4-bit state). Single process, DDP."),
+    )
+    offload_activations: bool = field(
+        default=False,
+        metadata=_help("Keep the activations saved for the backward pass in (pinned) CPU memory and bring them back "
+                       "for the backward pass: less GPU memory for long rows, at the cost of transfers."),
+    )
+    skip_memory_check: bool = field(
+        default=False, metadata=_help("Start even when the memory estimate says the run does not fit the device.")
+    )
+    quantization: str = field(
+        default="none",
+        metadata=_help("QLoRA: load the frozen base weights quantized with bitsandbytes, '4bit' (NF4, bf16 compute) "
+                       "or '8bit' (LLM.int8); needs --lora_dim. Other frozen weights are kept in bf16.",
+                       resume_sensitive=True),
+    )
+    double_quant: bool = field(
+        default=False, metadata=_help("With --quantization 4bit: also quantize the block scales (~0.4 bit/weight less).")
+    )
 
     def __post_init__(self) -> None:
         normalise_fields(self)
@@ -141,5 +164,12 @@ class TrainConfig:
             )
         if self.max_nonfinite_steps < 1:
             raise ConfigError(f"--max_nonfinite_steps must be at least 1, got {self.max_nonfinite_steps}.")
+        if self.optim not in OPTIMIZERS:
+            raise ConfigError(f"--optim {self.optim!r} is unknown; choose one of: {', '.join(OPTIMIZERS)}.")
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"--quantization {self.quantization!r} is unknown; choose one of: "
+                              f"{', '.join(QUANTIZATIONS)}.")
+        if self.double_quant and self.quantization != "4bit":
+            raise ConfigError("--double_quant applies to --quantization 4bit only; add it or drop --double_quant.")
 
 

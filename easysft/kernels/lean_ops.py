@@ -120,6 +120,7 @@ class _NormOutputRecipes(torch.autograd.graph.saved_tensors_hooks):
 
     def __init__(self) -> None:
         self.outputs: dict[int, tuple] = {}
+        self.fallback = None  # (pack, unpack) for the tensors that are not norm outputs; set by kernels/offload.py
         super().__init__(self._pack, self._unpack)
 
     def register(self, output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
@@ -130,13 +131,16 @@ class _NormOutputRecipes(torch.autograd.graph.saved_tensors_hooks):
     def _pack(self, tensor: torch.Tensor):
         recipe = self.outputs.get(tensor.untyped_storage().data_ptr()) if tensor.device.type != "meta" else None
         if recipe is None or recipe[3] != tensor.dtype:
-            return tensor
+            # Any other saved tensor: kept as is, or handed to the outer hooks (--offload_activations), which
+            # these hooks would otherwise shadow.
+            return tensor if self.fallback is None else ("other", self.fallback[0](tensor))
         return recipe[:3], (tensor.size(), tensor.stride(), tensor.storage_offset())
 
-    @staticmethod
-    def _unpack(packed):
+    def _unpack(self, packed):
         if isinstance(packed, torch.Tensor):
             return packed
+        if packed[0] == "other":
+            return self.fallback[1](packed[1])
         (x, weight, eps), (size, stride, offset) = packed
         return _rmsnorm_output(x, weight, eps).as_strided(size, stride, offset)
 

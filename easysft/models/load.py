@@ -133,8 +133,13 @@ def load_model(
     trust_remote_code: bool = False,
     adapter_path: str | None = None,
     adapter_trainable: bool = False,
+    quantization: str = "none",
+    double_quant: bool = False,
+    device: torch.device | None = None,
 ):
-    """A causal LM in ``dtype`` (CPU; the engine moves it). With ``adapter_path``, the PEFT adapter on top."""
+    """A causal LM in ``dtype`` (CPU; the engine moves it). With ``adapter_path``, the PEFT adapter on top.
+    With ``quantization`` ('4bit' / '8bit'), the linear layers quantized by bitsandbytes onto ``device``
+    (easysft/models/quantize.py)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     check_weight_files(path)
@@ -144,10 +149,13 @@ def load_model(
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot read a model config from {path}: {str(exc).splitlines()[0]}") from None
+    kwargs = {"dtype": torch_dtype(dtype)}
+    if quantization and quantization != "none":
+        from easysft.models.quantize import quantized_load_kwargs
+
+        kwargs = quantized_load_kwargs(quantization, double_quant=double_quant, device=device or torch.device("cpu"))
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
-        )
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     except ValueError as exc:
         raise ModelError(
             f"{path} ({config.model_type}) is not a causal language model that transformers can load: "

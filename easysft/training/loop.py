@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
+
 from easysft import checkpoint
 from easysft.config import DataConfig, GenerateConfig, LoraConfig, ModelConfig, TrainConfig
 from easysft.distributed import barrier, print0
@@ -20,6 +22,7 @@ from easysft.metrics import plot_losses
 from easysft.models.save import save_model_folder
 from easysft.testing_hooks import maybe_fail
 from easysft.training import signals
+from easysft.training.memory_check import out_of_memory_at
 from easysft.training.run import Run, TrainResult, output_lock, setup
 from easysft.training.status import RunStatus
 from easysft.training.step import StepRecord, train_step
@@ -61,7 +64,11 @@ def _train_loop(run: Run, train_cfg: TrainConfig) -> TrainResult:
         for first in range(pos.next_micro_batch, len(plan.batches), gas):
             if pos.step >= run.total_steps:
                 break
-            record = train_step(run, plan.batches[first : first + gas], pos.step + 1)
+            try:
+                record = train_step(run, plan.batches[first : first + gas], pos.step + 1)
+            except torch.OutOfMemoryError:  # one line naming the step, the rows and the levers; checkpoints intact
+                progress.close()
+                raise out_of_memory_at(run, plan.batches[first : first + gas], pos.step + 1) from None
             pos.step, pos.next_micro_batch = pos.step + 1, first + gas
             maybe_fail(run.hooks, pos.step, run.dist.rank)  # testing hook (EASYSFT_FAIL_AT_STEP)
             epoch_progress = pos.epoch + min(1.0, (first + gas) / len(plan.batches))

@@ -36,6 +36,7 @@ from easysft.files import write_json_atomic
 from easysft.metrics import MetricsLogger
 from easysft.models.load import load_model, load_tokenizer, resolve_model_path
 from easysft.testing_hooks import TestingHooks, testing_hooks
+from easysft.training.memory_check import check_memory_flags, check_run_memory
 
 DEBUG_MAX_STEPS = 8
 DEFAULT_OUTPUT_DIR = "easysft-output"
@@ -134,6 +135,7 @@ def setup(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig, 
     engine = make_engine(choose_engine(train_cfg, dist), dist)  # initialises torch.distributed if launched
     if train_cfg.dtype == "fp16" and dist.device.type != "cuda":
         raise ConfigError("--dtype fp16 needs a CUDA device; use --dtype bf16 or fp32 on CPU.")
+    check_memory_flags(train_cfg, lora_cfg, engine=engine.name, device=dist.device)
     output_dir = prepare_output_dir(train_cfg, dist)
     resume_path = checkpoint.find_resume_checkpoint(train_cfg.resume, output_dir) if train_cfg.resume else None
 
@@ -145,14 +147,24 @@ def setup(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig, 
         print0(render_sample(tokenizer, data.train[0]))
     if data.mixing is not None:
         print0("\n".join(format_mixing(data.report["mixing"])))
+    check_run_memory(model_cfg, data_cfg, train_cfg, lora_cfg, resolved.path, run_data=data, engine=engine, dist=dist)
     model = load_model(resolved.path, dtype="fp32", trust_remote_code=model_cfg.trust_remote_code,
-                       adapter_path=resolved.adapter_path, adapter_trainable=True)
+                       adapter_path=resolved.adapter_path, adapter_trainable=True,
+                       quantization=train_cfg.quantization, double_quant=train_cfg.double_quant, device=dist.device)
+    if train_cfg.quantization != "none":
+        from easysft.models.quantize import describe_quantization
+
+        print0(describe_quantization(model, train_cfg.quantization, train_cfg.double_quant))
     if lora_cfg.enabled:
         from easysft.models.lora import apply_lora, describe_lora
 
         model = apply_lora(model, lora_cfg)
         print0(describe_lora(model, lora_cfg))  # says what trains besides the adapters
     model = engine.prepare_model(model, train_cfg)
+    if train_cfg.offload_activations:
+        from easysft.kernels.offload import offload_saved_activations
+
+        offload_saved_activations(model, pin_memory=dist.device.type == "cuda")
     if train_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
