@@ -157,7 +157,7 @@ def format_ollama_template(template: Template) -> str:
 
 def modelfile_text(gguf_name: str, template: Template, tokenizer, generation, num_predict: int) -> str:
     """The Ollama Modelfile: FROM the GGUF, the training TEMPLATE, stop tokens and saved generation defaults."""
-    lines = [f"# Written by easysft export. Create the model with: ollama create NAME -f Modelfile", f"FROM ./{gguf_name}"]
+    lines = ["# Written by easysft export. Create the model with: ollama create NAME -f Modelfile", f"FROM ./{gguf_name}"]
     if template.kind == "format":
         go_template = format_ollama_template(template)
     else:
