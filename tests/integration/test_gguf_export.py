@@ -46,10 +46,15 @@ def export(source, out: Path, gguf_type: str, *extra) -> Path:
 
 
 def load_gguf(out: Path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(out), gguf_file="model.gguf", dtype=torch.float32)
-    return model.eval(), AutoTokenizer.from_pretrained(str(out), gguf_file="model.gguf")
+    return AutoModelForCausalLM.from_pretrained(str(out), gguf_file="model.gguf", dtype=torch.float32).eval()
+
+
+def load_gguf_tokenizer(out: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(out), gguf_file="model.gguf")
 
 
 def load_hf(source):
@@ -86,7 +91,7 @@ def test_f32_round_trip_keeps_logits_tokenizer_specials_and_training_template(fu
     out = export(full_run, tmp_path / "f32", "f32")
     assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "easysft.json", "model.gguf"]
     hf_model, hf_tok, meta = load_hf(full_run)
-    model, tok = load_gguf(out)
+    model, tok = load_gguf(out), load_gguf_tokenizer(out)
     template = Template.from_name(meta["template"])
     assert template.name == "qa"
     texts = eval_texts(template)
@@ -113,12 +118,13 @@ def test_f32_round_trip_keeps_logits_tokenizer_specials_and_training_template(fu
 def test_f16_logits_and_q8_0_perplexity_stay_close(full_run, tmp_path):
     hf_model, hf_tok, meta = load_hf(full_run)
     texts = eval_texts(Template.from_name(meta["template"]))
-    model, tok = load_gguf(export(full_run, tmp_path / "f16", "f16"))
-    for got, want in zip(batch_logits(model, tok, texts), batch_logits(hf_model, hf_tok, texts), strict=True):
+    # The tokenizer round trip is the f32 test's; these compare weights only (the HF tokenizer's ids).
+    model = load_gguf(export(full_run, tmp_path / "f16", "f16"))
+    for got, want in zip(batch_logits(model, hf_tok, texts), batch_logits(hf_model, hf_tok, texts), strict=True):
         assert (got - want).abs().max() < 1e-2
-    model, tok = load_gguf(export(full_run, tmp_path / "q8", "q8_0"))
+    model = load_gguf(export(full_run, tmp_path / "q8", "q8_0"))
     reference = perplexity(hf_model, hf_tok, texts)
-    assert abs(perplexity(model, tok, texts) / reference - 1) < 0.02
+    assert abs(perplexity(model, hf_tok, texts) / reference - 1) < 0.02
 
 
 def test_lora_adapter_is_merged_into_the_gguf(tiny_model_dir, tmp_path, monkeypatch):
@@ -130,9 +136,9 @@ def test_lora_adapter_is_merged_into_the_gguf(tiny_model_dir, tmp_path, monkeypa
     out = export(adapter, tmp_path / "gguf", "f32")
     hf_model, hf_tok, meta = load_hf(adapter)
     assert isinstance(hf_model, PeftModel)
-    model, tok = load_gguf(out)
+    model = load_gguf(out)
     texts = eval_texts(Template.from_name(meta["template"]))
-    for got, want in zip(batch_logits(model, tok, texts), batch_logits(hf_model, hf_tok, texts), strict=True):
+    for got, want in zip(batch_logits(model, hf_tok, texts), batch_logits(hf_model, hf_tok, texts), strict=True):
         assert (got - want).abs().max() < 1e-4
     assert json.loads((out / "easysft.json").read_text())["merged_from"] == str(adapter.resolve())
 
@@ -162,11 +168,11 @@ def test_qwen_shaped_models_round_trip(kind, tokenizer, tmp_path):
     model.save_pretrained(source)
     tokenizer.save_pretrained(source)
     out = export(source, tmp_path / "gguf", "f32")
-    loaded, tok = load_gguf(out)
+    loaded = load_gguf(out)
     assert type(loaded).__name__ == type(model).__name__
     assert not loaded.config.tie_word_embeddings
     texts = [row["prompt"] + " " + row["answer"] for row in QA_ROWS]
-    for got, want in zip(batch_logits(loaded, tok, texts), batch_logits(model.eval(), tokenizer, texts), strict=True):
+    for got, want in zip(batch_logits(loaded, tokenizer, texts), batch_logits(model.eval(), tokenizer, texts), strict=True):
         assert (got - want).abs().max() < 1e-4
 
 
@@ -193,7 +199,7 @@ def test_bundled_smollm2_exports_and_answers_the_same(tmp_path):
     """The real SmolLM2 (49k-token BPE with 48,900 merges): f16 GGUF -> same ids, logits, greedy answer."""
     out = export("bundled", tmp_path / "f16", "f16")
     hf_model, hf_tok, _ = load_hf("bundled")
-    model, tok = load_gguf(out)
+    model, tok = load_gguf(out), load_gguf_tokenizer(out)
     chat = Template.from_name("chat")
     prompts = [row["prompt"] for row in QA_ROWS] + ["What is the capital of France?"]
     assert [chat.prompt_ids(tok, p) for p in prompts] == [chat.prompt_ids(hf_tok, p) for p in prompts]
@@ -206,3 +212,25 @@ def test_bundled_smollm2_exports_and_answers_the_same(tmp_path):
     answers = [m.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:] for m in (model, hf_model)]
     assert answers[0].tolist() == answers[1].tolist()
     assert "Paris" in hf_tok.decode(answers[0])
+
+
+def test_llama_cpp_reads_the_same_ids_and_answers_greedily_the_same(full_run, tmp_path):
+    """llama.cpp itself (llama-cpp-python, the optional `gguf-runtime` extra) on the exported file."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    out = export(full_run, tmp_path / "f32", "f32")
+    hf_model, hf_tok, meta = load_hf(full_run)
+    template = Template.from_name(meta["template"])
+    llm = llama_cpp.Llama(model_path=str(out / "model.gguf"), n_ctx=256, n_threads=2, verbose=False)
+    for text in eval_texts(template):
+        assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == hf_tok(text)["input_ids"]
+    for row in QA_ROWS[:3]:
+        ids = template.prompt_ids(hf_tok, row["prompt"])
+        with torch.no_grad():  # what `easysft infer --do_sample false --repetition_penalty 1` generates
+            want = hf_model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False,
+                                     repetition_penalty=1.0)[0, len(ids):].tolist()
+        got = []
+        for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+            got.append(token)
+            if len(got) == len(want) or token == hf_tok.eos_token_id:
+                break
+        assert got == want[: len(got)] and len(got) == len(want)
