@@ -38,8 +38,8 @@ lint: setup
 	$(BIN)/ruff check easysft tests bench
 
 # Optional: llama.cpp's Python binding, for the GGUF test that runs the exported file in llama.cpp itself. PyPI has
-# only a source release for this machine (no wheel): pip compiles llama.cpp, which took over an hour on 2 shared
-# cores, so the default setup leaves it out (the test skips without it).
+# only a source release for this machine (no wheel): pip compiles llama.cpp, which had not finished after 78 min on
+# 2 shared cores (load ~18), so the default setup leaves it out (the test skips without it).
 setup-gguf-runtime: setup
 	$(BIN)/python -m pip install -q -e '.[gguf-runtime]'
 
