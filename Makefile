@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup demo test test-fast bench lint clean
+.PHONY: setup demo test test-fast bench lint clean setup-gguf-runtime
 
 setup: $(VENV)/.installed
 
@@ -40,6 +40,12 @@ bench: setup
 
 lint: setup
 	$(BIN)/ruff check easysft tests bench
+
+# Optional: llama.cpp's Python binding, for the GGUF test that runs the exported file in llama.cpp itself. PyPI has
+# only a source release for this machine (no wheel): pip compiles llama.cpp, which had not finished after 78 min on
+# 2 shared cores (load ~18), so the default setup leaves it out (the test skips without it).
+setup-gguf-runtime: setup
+	$(BIN)/python -m pip install -q -e '.[gguf-runtime]'
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

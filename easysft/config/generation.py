@@ -9,6 +9,9 @@ from easysft.config.values import normalise_fields
 from easysft.dtypes import DTYPES
 from easysft.errors import ConfigError
 
+EXPORT_FORMATS = ("hf", "gguf")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+
 
 @dataclass
 class GenerateConfig:
@@ -102,6 +105,11 @@ class ExportConfig:
     merge: bool = field(default=False, metadata=_help("Fold a LoRA adapter into the base weights (full checkpoint)."))
     dtype: str = field(default="fp32", metadata=_help("dtype of the written weights: fp32, bf16 or fp16."))
     overwrite_output_dir: bool = field(default=False, metadata=_help("Allow writing into a non-empty folder."))
+    format: str = field(default="hf", metadata=_help(
+        "hf (a Hugging Face checkpoint folder) or gguf (model.gguf + an Ollama Modelfile for llama.cpp-family "
+        "runtimes; a LoRA adapter is merged first)."))
+    gguf_type: str = field(default="f16", metadata=_help(
+        "--format gguf: type of the 2-D weights: f32, f16, bf16 or q8_0 (norms stay f32)."))
 
     def __post_init__(self) -> None:
         normalise_fields(self)
@@ -109,6 +117,10 @@ class ExportConfig:
             raise ConfigError("--output_dir is required: the folder to write the exported model into.")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype {self.dtype!r} is unknown; choose one of: {', '.join(DTYPES)}.")
+        if self.format not in EXPORT_FORMATS:
+            raise ConfigError(f"--format {self.format!r} is unknown; choose one of: {', '.join(EXPORT_FORMATS)}.")
+        if self.gguf_type not in GGUF_TYPES:
+            raise ConfigError(f"--gguf_type {self.gguf_type!r} is unknown; choose one of: {', '.join(GGUF_TYPES)}.")
 
 
 @dataclass

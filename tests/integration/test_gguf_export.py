@@ -1,0 +1,269 @@
+"""GGUF export round trips (issue 16): easysft export --format gguf -> transformers' GGUF loader -> same model.
+
+Tiny models (2-layer Llama fine-tuned 2 steps with the real SmolLM2 tokenizer, a merged LoRA run, tiny Qwen2 and
+Qwen3 built from configs) carry the numeric checks; one slow test exports the real bundled SmolLM2. Every export
+runs in-process through ``easysft.cli.main``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from easysft.cli import main
+from easysft.data.templates import Template
+from tests.conftest import QA_ROWS, write_qa_folder
+
+CONFIG = 2
+
+
+def _train(model_dir, root: Path, *extra) -> Path:
+    data = write_qa_folder(root / "data")
+    out = root / "run"
+    assert main(["train", "--data_path", data, "--model_name_or_path", str(model_dir), "--output_dir", str(out),
+                 "--per_device_train_batch_size", "4", "--max_steps", "2", "--learning_rate", "1e-2",
+                 "--tensorboard", "false", *extra]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer(tokenizer):
+    """A real byte-level BPE (merges learned on the QA rows, SmolLM2's special tokens and chat template) with
+    ~400 tokens: reading a 49k-token vocabulary back from GGUF is pure Python and takes seconds per load, so the
+    tiny-model checks use this one and the slow test covers the real SmolLM2 vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator([f"Q: {r['prompt']} A: {r['answer']}" for r in QA_ROWS] * 4, trainer)
+    small = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                    pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    small.chat_template = tokenizer.chat_template
+    return small
+
+
+@pytest.fixture(scope="module")
+def small_model_dir(small_tokenizer, tmp_path_factory):
+    from tests.conftest import make_tiny_model
+
+    folder = tmp_path_factory.mktemp("gguf-tiny-llama")
+    make_tiny_model(small_tokenizer).save_pretrained(folder)
+    small_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def full_run(small_model_dir, tmp_path_factory):
+    """A tiny Llama fine-tuned for 2 steps (template qa, saved in easysft.json)."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        root = tmp_path_factory.mktemp("gguf-full")
+        monkeypatch.setenv("EASYSFT_DATA_CACHE", str(root / "data-cache"))
+        return _train(small_model_dir, root)
+
+
+def export(source, out: Path, gguf_type: str, *extra) -> Path:
+    assert main(["export", "--model_name_or_path", str(source), "--format", "gguf", "--gguf_type", gguf_type,
+                 "--output_dir", str(out), *extra]) == 0
+    return out
+
+
+def load_gguf(out: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(out), gguf_file="model.gguf", dtype=torch.float32).eval()
+
+
+def load_gguf_tokenizer(out: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(out), gguf_file="model.gguf")
+
+
+def load_hf(source):
+    from easysft.config import ModelConfig
+    from easysft.export.checkpoint import load_for_export
+
+    model, tokenizer, meta, _ = load_for_export(ModelConfig(model_name_or_path=str(source)), merge=False)
+    return model.eval(), tokenizer, meta
+
+
+def eval_texts(template: Template) -> list[str]:
+    return [template.render_text(row["prompt"]) + row["answer"] for row in QA_ROWS]
+
+
+def batch_logits(model, tokenizer, texts):
+    with torch.no_grad():
+        return [model(torch.tensor([tokenizer(text)["input_ids"]])).logits[0] for text in texts]
+
+
+def perplexity(model, tokenizer, texts) -> float:
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for text in texts:
+            ids = torch.tensor([tokenizer(text)["input_ids"]])
+            logits = model(ids).logits[0, :-1]
+            nll += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+            count += ids.shape[1] - 1
+    return math.exp(nll / count)
+
+
+def test_f32_round_trip_keeps_logits_tokenizer_specials_and_training_template(full_run, tmp_path):
+    import gguf
+
+    out = export(full_run, tmp_path / "f32", "f32")
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "easysft.json", "model.gguf"]
+    hf_model, hf_tok, meta = load_hf(full_run)
+    model, tok = load_gguf(out), load_gguf_tokenizer(out)
+    template = Template.from_name(meta["template"])
+    assert template.name == "qa"
+    texts = eval_texts(template)
+    assert [tok(t)["input_ids"] for t in texts] == [hf_tok(t)["input_ids"] for t in texts]
+    for got, want in zip(batch_logits(model, tok, texts), batch_logits(hf_model, hf_tok, texts), strict=True):
+        assert (got - want).abs().max() < 1e-4
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id", "eos_token", "pad_token"):
+        assert getattr(tok, name) == getattr(hf_tok, name), name
+    # The training template travels as the chat template: a runtime renders prompts the way training did.
+    context = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    for messages in ([{"role": "user", "content": QA_ROWS[0]["prompt"]}], [*context, {"role": "user", "content": "x"}]):
+        rendered = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert rendered == template.render_text(messages[-1]["content"], messages[:-1])
+    fields = gguf.GGUFReader(out / "model.gguf").fields
+    assert json.loads(fields["easysft.template"].contents()) == template.to_dict()
+    assert json.loads(fields["easysft.meta"].contents()) == meta
+    assert fields["tokenizer.ggml.pre"].contents() == "gpt-2"
+    modelfile = (out / "Modelfile").read_text()
+    assert "FROM ./model.gguf" in modelfile and '{{ "Q: " }}{{ .Content }}{{ " A: " }}' in modelfile
+    assert f"PARAMETER stop {json.dumps(hf_tok.eos_token)}" in modelfile
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporaries left behind
+
+
+def test_f16_logits_and_q8_0_perplexity_stay_close(full_run, tmp_path):
+    hf_model, hf_tok, meta = load_hf(full_run)
+    texts = eval_texts(Template.from_name(meta["template"]))
+    # The tokenizer round trip is the f32 test's; these compare weights only (the HF tokenizer's ids).
+    model = load_gguf(export(full_run, tmp_path / "f16", "f16"))
+    for got, want in zip(batch_logits(model, hf_tok, texts), batch_logits(hf_model, hf_tok, texts), strict=True):
+        assert (got - want).abs().max() < 1e-2
+    model = load_gguf(export(full_run, tmp_path / "q8", "q8_0"))
+    reference = perplexity(hf_model, hf_tok, texts)
+    assert abs(perplexity(model, hf_tok, texts) / reference - 1) < 0.02
+
+
+def test_lora_adapter_is_merged_into_the_gguf(small_model_dir, tmp_path, monkeypatch):
+    from peft import PeftModel
+
+    monkeypatch.setenv("EASYSFT_DATA_CACHE", str(tmp_path / "data-cache"))
+    adapter = _train(small_model_dir, tmp_path, "--lora_dim", "4", "--lora_module_name", "all-linear")
+    assert (adapter / "adapter_config.json").is_file()
+    out = export(adapter, tmp_path / "gguf", "f32")
+    hf_model, hf_tok, meta = load_hf(adapter)
+    assert isinstance(hf_model, PeftModel)
+    model = load_gguf(out)
+    texts = eval_texts(Template.from_name(meta["template"]))
+    for got, want in zip(batch_logits(model, hf_tok, texts), batch_logits(hf_model, hf_tok, texts), strict=True):
+        assert (got - want).abs().max() < 1e-4
+    assert json.loads((out / "easysft.json").read_text())["merged_from"] == str(adapter.resolve())
+
+
+def _tiny_qwen(kind: str, tokenizer):
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
+
+    common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                  bos_token_id=tokenizer.bos_token_id)
+    # transformers' GGUF loader reads no head_dim for qwen3 and keeps Qwen3Config's 128, as real Qwen3 models use.
+    config = Qwen2Config(**common) if kind == "qwen2" else Qwen3Config(head_dim=128, **common)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if kind == "qwen2":  # Qwen2's q/k/v biases start at zero: make them matter
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                torch.nn.init.normal_(proj.bias, std=0.5)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
+def test_qwen_shaped_models_round_trip(kind, small_tokenizer, tmp_path):
+    tokenizer = small_tokenizer
+    source = tmp_path / kind
+    model = _tiny_qwen(kind, tokenizer)
+    model.save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    out = export(source, tmp_path / "gguf", "f32")
+    loaded = load_gguf(out)
+    assert type(loaded).__name__ == type(model).__name__
+    assert not loaded.config.tie_word_embeddings
+    texts = [row["prompt"] + " " + row["answer"] for row in QA_ROWS]
+    for got, want in zip(batch_logits(loaded, tokenizer, texts), batch_logits(model.eval(), tokenizer, texts), strict=True):
+        assert (got - want).abs().max() < 1e-4
+
+
+def test_unsupported_architecture_is_one_line_and_writes_nothing(tokenizer, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    source = tmp_path / "gpt2"
+    AutoModelForCausalLM.from_config(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2)) \
+        .save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    code = main(["export", "--model_name_or_path", str(source), "--format", "gguf", "--output_dir", str(out)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == CONFIG and len(err) == 1
+    assert "'gpt2' is not supported" in err[0] and "llama, qwen2, qwen3" in err[0]
+    assert not out.exists()
+    code = main(["export", "--model_name_or_path", str(source), "--format", "gguf", "--gguf_type", "q4",
+                 "--output_dir", str(out)])
+    assert code == CONFIG and "--gguf_type 'q4' is unknown" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bundled_smollm2_exports_and_answers_the_same(tmp_path):
+    """The real SmolLM2 (49k-token BPE with 48,900 merges): f16 GGUF -> same ids, logits, greedy answer."""
+    out = export("bundled", tmp_path / "f16", "f16")
+    hf_model, hf_tok, _ = load_hf("bundled")
+    model, tok = load_gguf(out), load_gguf_tokenizer(out)
+    chat = Template.from_name("chat")
+    prompts = [row["prompt"] for row in QA_ROWS] + ["What is the capital of France?"]
+    assert [chat.prompt_ids(tok, p) for p in prompts] == [chat.prompt_ids(hf_tok, p) for p in prompts]
+    assert tok.chat_template == hf_tok.chat_template
+    texts = [row["prompt"] + " " + row["answer"] for row in QA_ROWS]
+    assert [tok(t)["input_ids"] for t in texts] == [hf_tok(t)["input_ids"] for t in texts]
+    # f16 rounding through 30 layers: measured max |diff| 0.028 on logits up to ~18 (1e-2 holds on the tiny model).
+    for got, want in zip(batch_logits(model, tok, texts[:2]), batch_logits(hf_model, hf_tok, texts[:2]), strict=True):
+        assert (got - want).abs().max() < 5e-2
+    ids = torch.tensor([chat.prompt_ids(hf_tok, prompts[-1])])
+    answers = [m.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:] for m in (model, hf_model)]
+    assert answers[0].tolist() == answers[1].tolist()
+    assert "Paris" in hf_tok.decode(answers[0])
+
+
+def test_llama_cpp_reads_the_same_ids_and_answers_greedily_the_same(full_run, tmp_path):
+    """llama.cpp itself (llama-cpp-python, the optional `gguf-runtime` extra) on the exported file."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    out = export(full_run, tmp_path / "f32", "f32")
+    hf_model, hf_tok, meta = load_hf(full_run)
+    template = Template.from_name(meta["template"])
+    llm = llama_cpp.Llama(model_path=str(out / "model.gguf"), n_ctx=256, n_threads=2, verbose=False)
+    for text in eval_texts(template):
+        assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == hf_tok(text)["input_ids"]
+    for row in QA_ROWS[:3]:
+        ids = template.prompt_ids(hf_tok, row["prompt"])
+        with torch.no_grad():  # what `easysft infer --do_sample false --repetition_penalty 1` generates
+            want = hf_model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False,
+                                     repetition_penalty=1.0)[0, len(ids):].tolist()
+        got = []
+        for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+            got.append(token)
+            if len(got) == len(want) or token == hf_tok.eos_token_id:
+                break
+        assert got == want[: len(got)] and len(got) == len(want)
