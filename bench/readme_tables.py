@@ -16,6 +16,7 @@ import re
 import sys
 from pathlib import Path
 
+from bench.bench_lora import lora_table
 from bench.tables import infer_markdown, lora_markdown, train_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,16 +26,14 @@ README = ROOT / "README.md"
 # block name -> (results file stem, renderer)
 BLOCKS = {
     "train": ("train", train_markdown),
-    "train-contended": ("train_contended", train_markdown),
     "lora": ("train", lora_markdown),
     "infer": ("infer", infer_markdown),
 }
 # results file stem -> (title of its .md, renderer)
 RESULT_PAGES = {
     "train": ("easysft vs TRL SFTTrainer: training speed", train_markdown),
-    "train_contended": ("easysft vs TRL SFTTrainer: training speed (short rerun, shared machine)", train_markdown),
     "infer": ("Inference: easysft infer vs transformers generate (batch 1 and batched)", infer_markdown),
-    "lora": ("LoRA vs full fine-tuning with easysft train", None),  # set below (bench.bench_lora renders it)
+    "lora": ("LoRA vs full fine-tuning with easysft train (bench/bench_lora.py)", lora_table),
 }
 
 
@@ -64,11 +63,8 @@ def render_readme(text: str) -> str:
 
 
 def results_page(stem: str) -> str:
-    title, render = RESULT_PAGES[stem]
-    if render is None:
-        from bench.bench_lora import lora_table
-
-        render = lora_table
+    """``bench/results/<stem>.md``; a training run saved under another name (``--results_name``) renders as one."""
+    title, render = RESULT_PAGES.get(stem, (f"easysft vs TRL SFTTrainer: training speed ({stem})", train_markdown))
     return f"# {title}\n\n" + render(load(stem))
 
 
@@ -91,7 +87,7 @@ def differences() -> list[str]:
             problems.append(f"README.md has no <!-- BENCH:{name} --> block")
         elif current[name] != render_block(name):
             problems.append(f"README.md block BENCH:{name} differs from bench/results/{BLOCKS[name][0]}.json")
-    for stem in RESULT_PAGES:
+    for stem in sorted({*RESULT_PAGES, *(p.stem for p in RESULTS.glob("*.json"))}):
         json_path, md_path = RESULTS / f"{stem}.json", RESULTS / f"{stem}.md"
         if json_path.exists() and (not md_path.exists() or md_path.read_text(encoding="utf-8") != results_page(stem)):
             problems.append(f"bench/results/{stem}.md differs from {stem}.json")
@@ -109,9 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         for problem in problems:
             print(f"bench.readme_tables: {problem}; run `python -m bench.readme_tables`", file=sys.stderr)
         return 1 if problems else 0
-    for stem in RESULT_PAGES:
-        if (RESULTS / f"{stem}.json").exists():
-            write_results_markdown(stem)
+    for path in RESULTS.glob("*.json"):
+        write_results_markdown(path.stem)
     README.write_text(render_readme(README.read_text(encoding="utf-8")), encoding="utf-8")
     return 0
 

@@ -62,9 +62,10 @@ HANDICAPS = (
 def _attention_note(meta: dict, shape: ModelShape) -> str:
     lengths = meta.get("sample_lengths")
     if not lengths:
-        return "about 1% more at this bench's sample lengths"
+        return "QK^T and AV"
     extra = attention_flops(shape, "full", lengths) / model_flops(shape, "full", sum(lengths), sum(lengths))
-    return f"{100 * extra:.1f}% on top of the full LM-head count at these {min(lengths)}-{max(lengths)}-token samples"
+    return (f"QK^T and AV, which would add {100 * extra:.1f}% to the full-model count at these {min(lengths)}-"
+            f"{max(lengths)}-token samples")
 
 
 def run_flops(result: dict, meta: dict) -> tuple[int, int]:
