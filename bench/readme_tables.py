@@ -105,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         for problem in problems:
             print(f"bench.readme_tables: {problem}; run `python -m bench.readme_tables`", file=sys.stderr)
         return 1 if problems else 0
+    missing = [f"bench/results/{stem}.json" for stem, _ in BLOCKS.values() if not (RESULTS / f"{stem}.json").exists()]
+    if missing:
+        print(f"bench.readme_tables: missing {', '.join(sorted(set(missing)))}: run its benchmark first", file=sys.stderr)
+        return 1
     for path in RESULTS.glob("*.json"):
         write_results_markdown(path.stem)
     README.write_text(render_readme(README.read_text(encoding="utf-8")), encoding="utf-8")
