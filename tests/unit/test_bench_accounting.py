@@ -98,6 +98,7 @@ def test_step_clock_times_steps_two_to_n():
 
 def test_readme_and_results_markdown_match_the_results_files():
     assert readme_tables.differences() == []
+    assert {"train", "lora"} <= set(readme_tables.readme_blocks(readme_tables.README.read_text(encoding="utf-8")))
 
 
 def test_the_check_catches_an_edited_figure():
