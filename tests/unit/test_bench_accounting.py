@@ -119,3 +119,34 @@ def test_train_results_have_what_the_accounting_needs():
         assert "budget" not in payload["meta"]
         assert ModelShape(**payload["meta"]["model_shape"]).total_params == payload["meta"]["num_params"]
         assert payload["meta"]["timing"] in ("loop", "step_sum")
+
+
+def test_infer_table_states_both_peers_and_their_ratios():
+    from bench.tables import infer_markdown
+
+    def run(path, seconds, identical=True):
+        return {"path": path, "label": path, "batch": 1 if path == "sequential" else 4, "seconds": seconds,
+                "generated_tokens": 40, "identical": identical, "differing": 0 if identical else 1}
+
+    payload = {"meta": {"machine": "m", "num_prompts": 4, "prompt_tokens": [5, 9], "template": "chat",
+                        "max_new_tokens": 10, "repetition_penalty": 2.0, "repeats": 2, "date": "d", "note": "n.",
+                        "load_average": {"before": [1.0, 0, 0], "after": [2.0, 0, 0]}},
+               "runs": [run("sequential", [8.0, 10.0]), run("hf_batched", [3.0, 4.0], identical=False),
+                        run("easysft", [2.0, 2.5])]}
+    text = infer_markdown(payload)
+    assert "| sequential | 1 | 8.0 | 0.50 | 5.0 | **4.00x** (4.00x) | (reference) |" in text
+    assert "| hf_batched | 4 | 3.0 | 1.33 | 13.3 | **1.50x** (1.56x) | no (1 prompts differ) |" in text
+    assert "measures batching" in text
+
+
+def test_hf_batched_peer_equals_one_prompt_at_a_time_without_penalty(tiny_model, tokenizer):
+    """The second inference peer is real batched generation: left padding changes no greedy token (fp32)."""
+    from bench.bench_infer import hf_batched, sequential
+
+    tiny_model.eval()
+    prompts = [tokenizer("Reverse the words: red green blue")["input_ids"], tokenizer("Hi")["input_ids"],
+               tokenizer("Here is a list: a, b, c, d, e. Which item comes first?")["input_ids"]]
+    stop = [tokenizer.eos_token_id]
+    alone = sequential(tiny_model, tokenizer, prompts, 6, 1.0, stop)
+    assert hf_batched(tiny_model, tokenizer, prompts, 6, 1.0, stop, batch_size=3) == alone
+    assert all(len(out) > 0 for out in alone)
