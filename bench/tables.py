@@ -206,7 +206,8 @@ def infer_markdown(payload: dict) -> str:
                      f"{r['generated_tokens'] / seconds:.1f} | {speedup} | {same} |")
     lines += ["", "The first peer, `model.generate` on one prompt at a time, does no batching at all: the speed-up "
               "over it measures batching. The second, `model.generate` on left-padded batches of the same size "
-              "(prompts in input order, transformers' own repetition penalty, which also counts the pad tokens), "
+              "(longest first, transformers' own repetition penalty, which also counts the pad tokens of padded "
+              "rows), "
               "is what a transformers user gets by batching; the speed-up over it measures easysft's length-sorted "
               "prompt buckets and per-row stopping."]
     return "\n".join(lines) + "\n"
