@@ -9,7 +9,9 @@ process: peak memory is that process's ``ru_maxrss`` (from ``os.wait4``, so one 
 other's), tokens/s is real (non-padding) tokens over the summed step times from ``metrics.jsonl``, leaving out
 step 1 (its first backward allocates the optimizer state and warms the kernels).
 
-Prints a table and writes it to ``bench/results/lora.md``; never pass/fail.
+Prints a table and writes ``bench/results/lora.json`` (with the load average before and after) and the ``.md``
+rendered from it; never pass/fail. The README's LoRA table comes from the training benchmark's run instead
+(``bench/results/train.json``: the easysft full and LoRA rows, packed, same data).
 """
 
 from __future__ import annotations
@@ -67,35 +69,47 @@ def run_one(mode: str, data_dir: Path, out_dir: Path, steps: int) -> dict:
             "final_loss": steps_[-1]["loss"], "trainable": trainable.removeprefix("trainable parameters: ")}
 
 
-def table(results: list[dict]) -> str:
-    lines = ["| mode | trainable parameters | tokens/s | s/step | peak RSS (MB) | whole process (s) | last loss |",
+def lora_table(payload: dict) -> str:
+    """The results file's table and ratio line (rendered by :mod:`bench.readme_tables` too)."""
+    meta, results = payload["meta"], payload["results"]
+    load = meta["load_average"]
+    lines = [f"easysft train, bundled SmolLM2-135M, fp32, batch 8, {meta['steps']} steps, 64 reversal rows, unpacked; "
+             f"{meta['machine']}, {meta['date']}, load average {load['before'][0]:.1f} before, {load['after'][0]:.1f} "
+             f"after. {meta['note']} tokens/s leaves out step 1 (optimizer state allocation, warm-up).",
+             "",
+             "| mode | trainable parameters | tokens/s | s/step | peak RSS (MB) | whole process (s) | last loss |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for r in results:
-        lines.append(f"| {r['mode']} | {r['trainable']} | {r['tokens_per_s']:.0f} | {r['step_s']:.2f} | "
-                     f"{r['peak_rss_mb']:.0f} | {r['process_s']:.0f} | {r['final_loss']:.4f} |")
+        lines.append(f"| {r['mode']} | {r['trainable']} | {r['tokens_per_s']:.1f} | {r['step_s']:.2f} | "
+                     f"{r['peak_rss_mb']:,.0f} | {r['process_s']:.0f} | {r['final_loss']:.4f} |")
     full, lora = results[0], results[-1]
     lines.append("")
     lines.append(f"LoRA / full: {lora['tokens_per_s'] / full['tokens_per_s']:.2f}x tokens/s, "
                  f"{lora['peak_rss_mb'] / full['peak_rss_mb']:.2f}x peak memory.")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--note", default="The machine was shared with other jobs: absolute numbers are under "
+                        "contention, the ratio is what counts.")
     args = parser.parse_args()
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-lora-") as tmp:
         data_dir = Path(tmp) / "data"
         write_data(data_dir)
         results = [run_one(mode, data_dir, Path(tmp) / mode.split()[0], args.steps) for mode in MODES]
-    header = (f"# LoRA vs full fine-tuning (easysft train, bundled SmolLM2-135M, fp32, batch 8, {args.steps} steps, "
-              f"64 reversal rows)\n\n{os.cpu_count()} CPUs, {platform.python_version()}, "
-              f"{time.strftime('%Y-%m-%d %H:%M')}. The machine was shared with other jobs: absolute numbers are "
-              "under contention, the ratio is what counts.\n\n")
-    text = header + table(results) + "\n"
-    print(text)
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{os.cpu_count()} CPUs, Python "
+            f"{platform.python_version()}", "steps": args.steps, "note": args.note,
+            "load_average": {"before": list(load_before), "after": list(os.getloadavg())}}
+    payload = {"meta": meta, "results": results}
+    print(lora_table(payload))
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "lora.md").write_text(text, encoding="utf-8")
+    (RESULTS / "lora.json").write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+    from bench.readme_tables import write_results_markdown
+
+    print(f"wrote {write_results_markdown('lora')}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """``make bench``: every benchmark in turn, each in its own process; they print tables, never pass/fail.
 
 Arguments are passed to the training benchmark (``bench/bench_train.py``, easysft vs TRL), which runs first;
-the others (present ones of :data:`OTHERS`) run with their defaults.
+the others (present ones of :data:`OTHERS`) run with their defaults. Each writes its ``bench/results/*.json``;
+the README's benchmark blocks are then re-rendered from those files (``bench/readme_tables.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ def main() -> int:
     for module in OTHERS:
         if importlib.util.find_spec(module) is not None:
             codes.append(subprocess.call([sys.executable, "-m", module]))
+    codes.append(subprocess.call([sys.executable, "-m", "bench.readme_tables"]))
     return max(codes)
 
 
