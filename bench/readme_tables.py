@@ -75,6 +75,11 @@ def write_results_markdown(stem: str) -> Path:
     return path
 
 
+def _is_training_run(path: Path) -> bool:
+    """A bench_train results file (saved under any --results_name); other benches write their own pages."""
+    return "peak_gflops" in json.loads(path.read_text(encoding="utf-8"))
+
+
 def differences() -> list[str]:
     """What differs from the results files: README blocks, missing blocks, and results .md files."""
     problems = []
@@ -88,7 +93,7 @@ def differences() -> list[str]:
             problems.append(f"README.md has no <!-- BENCH:{name} --> block for bench/results/{stem}.json")
         elif have_json and current[name] != render_block(name):
             problems.append(f"README.md block BENCH:{name} differs from bench/results/{stem}.json")
-    for stem in sorted({*RESULT_PAGES, *(p.stem for p in RESULTS.glob("*.json"))}):
+    for stem in sorted({*RESULT_PAGES, *(p.stem for p in RESULTS.glob("*.json") if _is_training_run(p))}):
         json_path, md_path = RESULTS / f"{stem}.json", RESULTS / f"{stem}.md"
         if json_path.exists() and (not md_path.exists() or md_path.read_text(encoding="utf-8") != results_page(stem)):
             problems.append(f"bench/results/{stem}.md differs from {stem}.json")
