@@ -117,4 +117,5 @@ def measure_extras(run, step: int) -> dict:
             peft_model=run.engine.unwrapped_model() if extras.probe_disable_adapter else None,
             batch_size=run.train_cfg.per_device_eval_batch_size, pad_token_id=run.tokenizer.pad_token_id,
             rank=run.dist.rank, world_size=run.dist.world_size, device=run.dist.device))
+        print0(f"eval step {step}: probe nll {record['probe_nll']:.4f} kl {record['probe_kl']:.4g}")
     return record
