@@ -130,6 +130,11 @@ class EvalConfig:
     per_device_eval_batch_size: int = field(default=8, metadata=_help("Samples per batch."))
     seed: int = field(default=1234, metadata=_help("Seed used to hold out eval rows from single files."))
     dtype: str = field(default="fp32", metadata=_help("fp32, bf16 or fp16."))
+    generate: int = field(
+        default=0, metadata=_help("Also generate answers for the first N rows of the split and score them "
+                                  "(exact_match, rouge_l, chrf, bleu, --eval_metric), as training's --eval_generate."))
+    eval_metric: str | None = field(
+        default=None, metadata=_help("With --generate: your metric, 'path/to/file.py:function' or 'module:function'."))
 
     def __post_init__(self) -> None:
         if self.split not in ("eval", "train"):
@@ -138,6 +143,10 @@ class EvalConfig:
             raise ConfigError(f"--per_device_eval_batch_size must be at least 1, got {self.per_device_eval_batch_size}.")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype {self.dtype!r} is unknown; choose one of: {', '.join(DTYPES)}.")
+        if self.generate is None or self.generate < 0:
+            raise ConfigError(f"--generate must be 0 (off) or a number of rows, got {self.generate}.")
+        if self.eval_metric and not self.generate:
+            raise ConfigError("--eval_metric scores generated answers: add --generate N (rows to generate).")
 
 
 @dataclass

@@ -93,3 +93,30 @@ def write_prediction_rows(path: str | Path, rows: list[dict]) -> None:
     with atomic_open(path) as out:
         for row in rows:
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def score_saved_model(model_cfg, data_cfg, eval_cfg, given: dict, user_metric: UserMetric | None = None) -> dict:
+    """`easysft eval --generate N`: generation scores (``eval_`` prefixed) of a saved model on the first N rows
+    of ``eval_cfg.split``. Settings: saved (easysft.json) < the flags in ``given`` (models/meta.py).
+    ``user_metric``: ``--eval_metric`` already loaded (and checked) by the caller."""
+    from easysft.data.sources import load_examples
+    from easysft.errors import DataError
+    from easysft.models.load import load_model, load_tokenizer, resolve_model_path
+    from easysft.models.meta import resolve_settings
+
+    resolved = resolve_model_path(model_cfg.model_name_or_path)
+    tokenizer = load_tokenizer(resolved.tokenizer_path, trust_remote_code=model_cfg.trust_remote_code)
+    settings = resolve_settings(resolved.meta, tokenizer, given)
+    examples = usable_rows(load_examples(data_cfg.data_path, split=eval_cfg.split, eval_fraction=data_cfg.eval_fraction,
+                                         seed=eval_cfg.seed, data_split=data_cfg.data_split,
+                                         multi_turn=data_cfg.multi_turn), eval_cfg.generate)
+    if not examples:
+        raise DataError(f"the {eval_cfg.split} split has no row with a prompt and a text answer to generate for.")
+    model = load_model(resolved.path, dtype=eval_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code,
+                       adapter_path=resolved.adapter_path)
+    scored = generate_and_score(model, tokenizer, examples, template=settings.template,
+                                max_prompt_len=settings.max_prompt_len, gen=settings.generation,
+                                max_new_tokens=settings.max_new_tokens, batch_size=eval_cfg.per_device_eval_batch_size,
+                                user_metric=user_metric, user_metric_name=eval_cfg.eval_metric or "",
+                                seed=eval_cfg.seed)
+    return {f"eval_{name}": value for name, value in scored.metrics.items()} | {"num_generated": len(examples)}
