@@ -117,3 +117,22 @@ def test_broken_metric_fails_before_anything_is_written(tiny_model_dir, qa_data_
     with pytest.raises(ConfigError, match="--metric_for_best_model eval_exact_match: not measured"):
         run(tiny_model_dir, qa_data_dir, tmp_path / "out2", max_steps=1, metric_for_best_model="exact_match")
     assert Path(tmp_path / "out2").exists()  # (the folder is made before the model loads; nothing else)
+
+
+@pytest.mark.slow
+def test_demo_model_infer_with_no_flags_reproduces_the_demo(tmp_path):
+    """The demo (a short run) saves the settings its generation eval measured with: `easysft infer` on its model
+    with no generation flag writes the same predictions, hence the same exact match, as the demo reported."""
+    from easysft.cli import main
+    from easysft.demo import main as demo_main
+
+    out = tmp_path / "demo"
+    assert demo_main(["--output_dir", str(out), "--max_steps", "6", "--num_eval", "8"]) == 0
+    summary = json.loads((out / "demo_summary.json").read_text())
+    reported = [json.loads(line) for line in (out / "model/eval_predictions/step-6.jsonl").read_text().splitlines()]
+    assert main(["infer", "--model_name_or_path", str(out / "model"), "--data_path", str(out / "data"),
+                 "--inference_output_path", str(tmp_path / "preds.jsonl"), "--output_format", "jsonl"]) == 0
+    inferred = [json.loads(line) for line in (tmp_path / "preds.jsonl").read_text().splitlines()]
+    assert [r["prediction"].strip() for r in inferred] == [r["prediction"] for r in reported]
+    hits = sum(r["prediction"].strip() == r["answer"] for r in inferred) / len(inferred)
+    assert hits == summary["after"]["exact_match"]
