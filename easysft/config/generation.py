@@ -73,8 +73,8 @@ class GenerateConfig:
             base.update({k: v for k, v in (model_defaults or {}).items() if k in base and v is not None})
         values = {name: getattr(self, name) if getattr(self, name) is not None else base[name]
                   for name in SAMPLING_FIELDS}
-        if not values["do_sample"] or values["temperature"] <= 0:
-            values["temperature"] = values["temperature"] if values["temperature"] > 0 else 1.0
+        if values["temperature"] <= 0:  # some generation_config.json files say 0 for greedy; it is unused then
+            values["temperature"] = 1.0
         return GenerateConfig(max_new_tokens=self.max_new_tokens, generation_preset=self.generation_preset, **values)
 
 

@@ -15,15 +15,17 @@ from easysft.config import DataConfig, LoraConfig, ModelConfig, TrainConfig
 from easysft.metrics import read_metrics
 from easysft.training.loop import train
 
+# The count of real calls lives in a file beside the metric, so it continues across a resume.
 SCHEDULED_METRIC = '''
-import os
-CALLS = []
+import os, pathlib
+COUNT = pathlib.Path(__file__).with_suffix(".count")
 def score(predictions, references, prompts):
     if predictions == ["a dry run"]:
         return {"scheduled": 0.0}
-    CALLS.append(len(predictions))
+    calls = int(COUNT.read_text()) if COUNT.exists() else 0
+    COUNT.write_text(str(calls + 1))
     schedule = [float(v) for v in os.environ["EASYSFT_TEST_SCORES"].split(",")]
-    return {"scheduled": schedule[len(CALLS) - 1]}
+    return {"scheduled": schedule[calls]}
 '''
 
 
@@ -65,6 +67,27 @@ def test_best_eval_is_the_final_model_and_survives_retention(tiny_model_dir, qa_
     assert all(torch.equal(final[k], best[k]) for k in best)
     assert any(not torch.equal(last[k], best[k]) for k in best)  # and it is not simply the last step's weights
     assert meta["generation"]["repetition_penalty"] == 1.0 and meta["generation"]["do_sample"] is False
+
+
+def test_best_so_far_survives_a_resume(tiny_model_dir, qa_data_dir, tmp_path, monkeypatch):
+    from easysft.testing_hooks import InjectedFailure
+
+    metric = scheduled(tmp_path, monkeypatch, [0.1, 0.9, 0.3, 0.2, 0.5])
+    out = tmp_path / "out"
+    common = dict(max_steps=4, eval_steps=1, save_steps=1, save_total_limit=1, eval_generate=1,
+                  eval_max_new_tokens=2, eval_metric=metric, metric_for_best_model="scheduled",
+                  load_best_model_at_end=True, learning_rate=1e-2, per_device_train_batch_size=4)
+    monkeypatch.setenv("EASYSFT_FAIL_AT_STEP", "3")
+    with pytest.raises(InjectedFailure):
+        run(tiny_model_dir, qa_data_dir, out, **common)  # evals at 0, 1 (best), 2; dies after step 3
+    monkeypatch.delenv("EASYSFT_FAIL_AT_STEP")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]
+    run(tiny_model_dir, qa_data_dir, out, resume="latest", **common)  # evals at 3 and 4 do not beat step 1
+    meta = json.loads((out / "easysft.json").read_text())
+    assert meta["best_model"]["best_step"] == 1 and meta["best_model"]["best_value"] == 0.9
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-4"]
+    final, best = load_file(str(out / "model.safetensors")), load_file(str(out / "checkpoints/step-1/model.safetensors"))
+    assert all(torch.equal(final[k], best[k]) for k in best)
 
 
 def test_early_stopping_stops_at_the_right_eval(tiny_model_dir, qa_data_dir, tmp_path, monkeypatch, capsys):
