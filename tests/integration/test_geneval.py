@@ -142,6 +142,22 @@ def test_broken_metric_fails_before_anything_is_written(tiny_model_dir, qa_data_
     assert Path(tmp_path / "out2").exists()  # (the folder is made before the model loads; nothing else)
 
 
+def test_eval_command_generate_scores_one_json_line(tiny_model_dir, qa_data_dir, tmp_path, capsys):
+    from easysft.cli import main
+
+    metric = tmp_path / "m.py"
+    metric.write_text("def f(predictions, references, prompts):\n    return {'rows': float(len(predictions))}\n")
+    assert main(["eval", "--model_name_or_path", tiny_model_dir, "--data_path", qa_data_dir, "--generate", "3",
+                 "--max_new_tokens", "2", "--eval_metric", f"{metric}:f"]) == 0
+    record = json.loads(capsys.readouterr().out.strip())
+    assert {"eval_loss", "eval_exact_match", "eval_rouge_l", "eval_chrf", "eval_bleu"} <= set(record)
+    assert record["eval_rows"] == 3.0 and record["num_generated"] == 3
+    metric.write_text("def f(predictions, references, prompts):\n    raise KeyError('oops')\n")
+    assert main(["eval", "--model_name_or_path", tiny_model_dir, "--data_path", qa_data_dir, "--generate", "3",
+                 "--eval_metric", f"{metric}:f"]) == 2
+    assert "easysft: error: --eval_metric" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_demo_model_infer_with_no_flags_reproduces_the_demo(tmp_path):
     """The demo (a short run) saves the settings its generation eval measured with: `easysft infer` on its model
