@@ -68,7 +68,7 @@ class TrainerState:
     epoch: int
     next_micro_batch: int
     nonfinite_in_a_row: int = 0
-    reason: str = "save_steps"  # save_steps | preempted | nonfinite
+    reason: str = "save_steps"  # save_steps | preempted | nonfinite | best | early_stopping
     world_size: int = 1
     saved_at: float = field(default_factory=time.time)
 

@@ -10,12 +10,13 @@ exactly about sharding, gathering and ordering (training parity has its own test
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 from conftest import QA_ROWS, write_qa_folder
-from dist_launch import DRIVER, deepspeed_cmd, launch_env, run, run_many, torchrun_cmd
+from dist_launch import deepspeed_cmd, launch_env, run_many, torchrun_cmd
+
+from easysft.cli import main
 
 pytestmark = pytest.mark.distributed
 
@@ -39,9 +40,7 @@ def generation_evals(out: Path) -> tuple[list[dict], dict[int, str]]:
 def test_ddp_and_zero3_generation_eval_match_one_process(tmp_path, tiny_model_dir):
     data_dir = write_qa_folder(tmp_path / "data", eval_rows=QA_ROWS[:7])  # 7 rows: uneven shards over 2 ranks
     env = launch_env(tmp_path / "cache")
-    finished = run([sys.executable, str(DRIVER), str(_runs(tmp_path, [flags(tiny_model_dir, data_dir,
-                                                                              tmp_path / "single", 4)]))], env)
-    assert finished.returncode == 0, finished.output[-4000:]
+    assert main(["train", *flags(tiny_model_dir, data_dir, tmp_path / "single", 4)]) == 0  # in this process
     run_many(torchrun_cmd(2), [flags(tiny_model_dir, data_dir, tmp_path / "ddp", 2) + ["--engine", "ddp"]],
              tmp_path, env)
     run_many(deepspeed_cmd(2), [flags(tiny_model_dir, data_dir, tmp_path / "zero3", 2)
@@ -55,8 +54,3 @@ def test_ddp_and_zero3_generation_eval_match_one_process(tmp_path, tiny_model_di
         for mine, ref in zip(got[0], reference[0], strict=True):
             assert mine == pytest.approx(ref), name
 
-
-def _runs(folder: Path, runs: list[list[str]]) -> Path:
-    path = folder / "runs-single.json"
-    path.write_text(json.dumps(runs), encoding="utf-8")
-    return path

@@ -102,16 +102,6 @@ def test_early_stopping_stops_at_the_right_eval(tiny_model_dir, qa_data_dir, tmp
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "eval_loss" in r] == [0, 1, 2, 3]
 
 
-def test_threshold_and_lower_is_better(tiny_model_dir, qa_data_dir, tmp_path, monkeypatch):
-    # greater_is_better false: 0.9 -> 0.5 improves, 0.45 is not better by more than the 0.1 threshold
-    metric = scheduled(tmp_path, monkeypatch, [0.9, 0.5, 0.45, 0.42, 0.1])
-    result = run(tiny_model_dir, qa_data_dir, tmp_path / "out", max_steps=4, eval_steps=1, eval_generate=1,
-                 eval_max_new_tokens=1, eval_metric=metric, metric_for_best_model="scheduled",
-                 greater_is_better=False, early_stopping_patience=2, early_stopping_threshold=0.1,
-                 per_device_train_batch_size=4)
-    assert result.steps == 3
-
-
 def test_probe_kl_is_zero_at_start_and_grows(tiny_model_dir, qa_data_dir, tmp_path):
     probe = tmp_path / "probe.txt"
     probe.write_text("The capital of France is Paris.\nWater boils at one hundred degrees.\n\nCats purr.\n")

@@ -85,3 +85,26 @@ def test_broken_user_metric_is_one_line_naming_it(tmp_path, body, message):
         load_user_metric("no_colon")
     with pytest.raises(ConfigError, match="no such file"):
         load_user_metric(f"{tmp_path}/missing.py:f")
+
+
+def test_selection_threshold_direction_and_patience():
+    from easysft.config import TrainConfig
+    from easysft.training.selection import Selection
+
+    cfg = TrainConfig(metric_for_best_model="scheduled", greater_is_better=False, early_stopping_patience=2,
+                      early_stopping_threshold=0.1)
+    selection = Selection.from_config(cfg)
+    assert selection.metric == "eval_scheduled" and not selection.greater
+    # lower is better: 0.5 beats 0.9; 0.45 and 0.42 are not better by more than 0.1 -> patience 2 spent
+    stops = []
+    for step, value in enumerate([0.9, 0.5, 0.45, 0.42, 0.1]):
+        selection.update({"step": step, "eval_scheduled": value})
+        stops.append(selection.should_stop)
+    assert stops == [False, False, False, True, False] and (selection.best_step, selection.best_value) == (4, 0.1)
+    default = Selection.from_config(TrainConfig(load_best_model_at_end=True))
+    assert default.metric == "eval_loss" and not default.greater and default.keep_best
+    assert Selection.from_config(TrainConfig()) is None
+    replayed = Selection.from_config(TrainConfig(metric_for_best_model="eval_exact_match"))
+    replayed.replay([{"step": 0, "eval_exact_match": 0.2}, {"step": 5, "eval_exact_match": 0.6},
+                     {"step": 9, "eval_exact_match": 0.4}], "/nonexistent")
+    assert (replayed.best_step, replayed.evals_without_improvement, replayed.best_path) == (5, 1, None)
