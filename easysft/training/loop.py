@@ -120,7 +120,8 @@ def save_state(run: Run, reason: str) -> Path:
 
 
 def run_eval(run: Run, step: int, epoch: float) -> None:
-    """Perplexity on the eval split (reduced over ranks), logged and kept in the result's eval history."""
+    """Perplexity on the eval split (reduced over ranks), plus generation scores and the probe when asked;
+    logged, kept in the result's eval history, then the best-model and early-stopping bookkeeping."""
     if not run.data.eval:
         return
     ev = evaluate(run.engine.model, run.data.eval, batch_size=run.train_cfg.per_device_eval_batch_size,
