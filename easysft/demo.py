@@ -1,8 +1,9 @@
 """`make demo`: teach the bundled SmolLM2-135M-Instruct a skill it lacks -- reversing the order of words -- on CPU.
 
 Steps: generate a deterministic word-reversal dataset (train rows and held-out eval rows whose word sequences never
-appear in training), measure the base model (eval perplexity, greedy exact match on held-out prompts), fine-tune
-with ``easysft.train``, measure again, and print three sample generations. Everything runs offline.
+appear in training) and fine-tune with ``easysft.train``; its evals (step 0 = the base model, every third of the run,
+the end) measure eval perplexity and greedy exact match on the held-out prompts (``--eval_generate``). Prints
+before/after and three sample generations. Everything runs offline.
 
     python -m easysft.demo [--max_steps 84] [--output_dir demo-output] [--num_eval 50]
 """
@@ -51,33 +52,26 @@ def write_dataset(folder: Path, num_train: int = 2000, num_eval: int = 50, seed:
     return folder
 
 
-def exact_match(model_path: str, rows: list[dict], *, batch_size: int = 25) -> tuple[float, list[str]]:
-    """Greedy generations for ``rows`` with the template saved beside the model (qa for the base model)."""
-    from easysft.config import GenerateConfig
-    from easysft.data.templates import Template
-    from easysft.generate import generate_ids
-    from easysft.models.load import load_model_and_tokenizer
+def demo_configs(out: Path, data_dir: Path, *, max_steps: int, learning_rate: float, row_tokens: int,
+                 num_eval: int, eval_steps: int | None = None):
+    """The demo's training run: packed rows, cosine schedule, an eval (perplexity + greedy generation of the
+    held-out rows, scored) at step 0, every third of the run and the end. The generation settings it measures
+    with (the model's own greedy defaults, at most 24 new tokens) are saved in easysft.json, so `easysft infer`
+    on the model with no generation flag reproduces the demo's exact match."""
+    from easysft.config import DataConfig, GenerateConfig, ModelConfig, TrainConfig
 
-    model, tokenizer, resolved = load_model_and_tokenizer(model_path)
-    model.eval()
-    template = Template.from_dict(resolved.meta["template"]) if "template" in resolved.meta else Template.from_name("qa")
-    prompts = [template.prompt_ids(tokenizer, row["prompt"]) for row in rows]
-    greedy = GenerateConfig(do_sample=False, repetition_penalty=1.0, max_new_tokens=24)
-    outputs = generate_ids(model, tokenizer, prompts, greedy, max_new_tokens=24, batch_size=batch_size)
-    texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outputs]
-    hits = sum(text == row["answer"] for text, row in zip(texts, rows, strict=True))
-    return hits / len(rows), texts
-
-
-def perplexity(model_path: str, data_dir: Path) -> float:
-    from easysft.config import DataConfig
-    from easysft.data.dataset import prepare_data
-    from easysft.evaluation import evaluate
-    from easysft.models.load import load_model_and_tokenizer
-
-    model, tokenizer, _ = load_model_and_tokenizer(model_path)
-    data = prepare_data(DataConfig(data_path=[str(data_dir)]), tokenizer)
-    return evaluate(model, data.eval, batch_size=25, pad_token_id=tokenizer.pad_token_id).perplexity
+    return (
+        ModelConfig(model_name_or_path="bundled"),
+        DataConfig(data_path=[str(data_dir)], max_prompt_len=64, max_ans_len=32),
+        # Packed rows of ~16 samples (~22 tokens each): no padding, the LM head only on answer tokens.
+        TrainConfig(output_dir=str(out / "model"), overwrite_output_dir=True, per_device_train_batch_size=8,
+                    packing=True, packing_max_tokens=row_tokens, max_steps=max_steps, learning_rate=learning_rate,
+                    lr_scheduler_type="cosine", num_warmup_steps=max(1, max_steps // 20),
+                    eval_steps=eval_steps or max(1, max_steps // 3), seed=1234, tensorboard=False,
+                    eval_generate=num_eval, per_device_eval_batch_size=25),
+        None,
+        GenerateConfig(max_new_tokens=24),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,45 +83,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--row_tokens", type=int, default=384, help="tokens per packed row (one row per step)")
     args = parser.parse_args(argv)
 
-    from easysft.config import DataConfig, ModelConfig, TrainConfig
-    from easysft.models.bundled import bundled_checkpoint_dir
+    from easysft.metrics import read_metrics
     from easysft.training.loop import train
 
     out = Path(args.output_dir)
     data_dir = write_dataset(out / "data", num_eval=args.num_eval)
     eval_rows = json.loads((data_dir / "eval.json").read_text(encoding="utf-8"))
-    base = str(bundled_checkpoint_dir())
     print("== easysft demo: teach SmolLM2-135M-Instruct to reverse word order ==", flush=True)
     print(f"data: {data_dir} (held-out eval rows: {len(eval_rows)})", flush=True)
 
-    base_ppl = perplexity(base, data_dir)
-    base_em, _ = exact_match(base, eval_rows)
-    print(f"before: eval perplexity {base_ppl:.3f}, held-out exact match {base_em:.0%}", flush=True)
-
     started = time.perf_counter()
-    train(
-        ModelConfig(model_name_or_path="bundled"),
-        DataConfig(data_path=[str(data_dir)], max_prompt_len=64, max_ans_len=32),
-        # Packed rows of ~16 samples (~22 tokens each): no padding, the LM head only on answer tokens.
-        TrainConfig(output_dir=str(out / "model"), overwrite_output_dir=True, per_device_train_batch_size=8,
-                    packing=True, packing_max_tokens=args.row_tokens, max_steps=args.max_steps, learning_rate=args.learning_rate, lr_scheduler_type="cosine",
-                    num_warmup_steps=max(1, args.max_steps // 20), eval_steps=max(1, args.max_steps // 3),
-                    seed=1234, tensorboard=False),
-    )
+    train(*demo_configs(out, data_dir, max_steps=args.max_steps, learning_rate=args.learning_rate,
+                        row_tokens=args.row_tokens, num_eval=len(eval_rows)))
     train_seconds = time.perf_counter() - started
 
-    tuned_ppl = perplexity(str(out / "model"), data_dir)
-    tuned_em, texts = exact_match(str(out / "model"), eval_rows)
-    print(f"after:  eval perplexity {tuned_ppl:.3f}, held-out exact match {tuned_em:.0%} "
-          f"(training took {train_seconds:.0f}s)")
-    for row, text in list(zip(eval_rows, texts, strict=True))[:3]:
-        mark = "ok" if text == row["answer"] else "MISS"
-        print(f"  [{mark}] {row['prompt']!r} -> {text!r} (expected {row['answer']!r})")
-    summary = {"before": {"eval_ppl": base_ppl, "exact_match": base_em},
-               "after": {"eval_ppl": tuned_ppl, "exact_match": tuned_em}, "train_seconds": train_seconds,
-               "max_steps": args.max_steps}
+    # The eval records of the run: step 0 is the base model, the last one the fine-tuned model.
+    evals = [r for r in read_metrics(out / "model" / "metrics.jsonl") if "eval_loss" in r]
+    before, after = evals[0], evals[-1]
+    print(f"before: eval perplexity {before['eval_ppl']:.3f}, held-out exact match {before['eval_exact_match']:.0%}")
+    print(f"after:  eval perplexity {after['eval_ppl']:.3f}, held-out exact match {after['eval_exact_match']:.0%} "
+          f"(training and evals took {train_seconds:.0f}s)")
+    predictions = out / "model" / "eval_predictions" / f"step-{after['step']}.jsonl"
+    for line in predictions.read_text(encoding="utf-8").splitlines()[:3]:
+        row = json.loads(line)
+        mark = "ok" if row["prediction"] == row["reference"] else "MISS"
+        print(f"  [{mark}] {row['prompt']!r} -> {row['prediction']!r} (expected {row['reference']!r})")
+    summary = {"before": {"eval_ppl": before["eval_ppl"], "exact_match": before["eval_exact_match"]},
+               "after": {"eval_ppl": after["eval_ppl"], "exact_match": after["eval_exact_match"],
+                         "rouge_l": after["eval_rouge_l"], "chrf": after["eval_chrf"]},
+               "train_seconds": train_seconds, "max_steps": args.max_steps}
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    print(f"model: {out / 'model'}  summary: {out / 'demo_summary.json'}")
+    print(f"model: {out / 'model'}  summary: {out / 'demo_summary.json'}  predictions: {predictions.parent}")
     return 0
 
 

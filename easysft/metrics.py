@@ -1,7 +1,9 @@
 """Metrics sinks on rank 0: metrics.jsonl (one JSON object per line), TensorBoard events, and loss.png.
 
 Records are plain dicts. Training records carry ``step, epoch, loss, lr, grad_norm, num_tokens, tokens_per_s``;
-evaluation records carry ``step, eval_loss, eval_ppl, eval_num_tokens``. Other ranks get a logger with
+evaluation records carry ``step, eval_loss, eval_ppl, eval_num_tokens`` (and, with ``--eval_generate``,
+``eval_exact_match, eval_rouge_l, eval_chrf, eval_bleu, eval_<user metric>``; with ``--probe_data``,
+``probe_nll, probe_kl``: drawn in a second panel of loss.png). Other ranks get a logger with
 ``enabled=False`` whose methods do nothing, so call sites need no rank checks.
 """
 
@@ -69,7 +71,17 @@ def plot_losses(metrics_path: str | Path, png_path: str | Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    extra = extra_eval_series(records)
+    fig, axes = plt.subplots(1, 2 if extra else 1, figsize=(13 if extra else 7, 4), squeeze=False)
+    ax = axes[0][0]
+    if extra:  # generation scores and probe values: their own panel (different scales from the loss)
+        right = axes[0][1]
+        for name, points in extra.items():
+            right.plot(*zip(*points, strict=True), "o-", label=name)
+        right.set_xlabel("optimizer step")
+        right.set_ylabel("eval metric")
+        right.legend(fontsize="small")
+        right.grid(alpha=0.3)
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
     if evals:
@@ -83,6 +95,22 @@ def plot_losses(metrics_path: str | Path, png_path: str | Path) -> bool:
         fig.savefig(handle, dpi=100, format="png")
     plt.close(fig)
     return True
+
+
+# Eval record fields that are bookkeeping or already drawn in the loss panel.
+_NOT_PLOTTED = {"step", "epoch", "eval_loss", "eval_ppl", "eval_num_tokens"}
+
+
+def extra_eval_series(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """Per-step series of the eval records' other numeric fields (``eval_exact_match``, ``probe_kl``, ...)."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for record in records:
+        if "eval_loss" not in record:
+            continue
+        for key, value in record.items():
+            if key not in _NOT_PLOTTED and isinstance(value, (int, float)) and math.isfinite(value):
+                series.setdefault(key, []).append((record["step"], float(value)))
+    return series
 
 
 def rewind_metrics(output_dir: str | Path, step: int, dist) -> tuple[list[float], list[dict]]:

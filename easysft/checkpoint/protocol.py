@@ -68,7 +68,7 @@ class TrainerState:
     epoch: int
     next_micro_batch: int
     nonfinite_in_a_row: int = 0
-    reason: str = "save_steps"  # save_steps | preempted | nonfinite
+    reason: str = "save_steps"  # save_steps | preempted | nonfinite | best | early_stopping
     world_size: int = 1
     saved_at: float = field(default_factory=time.time)
 
@@ -84,9 +84,10 @@ class Resumed:
 
 
 def save(output_dir: str | Path, engine, state: TrainerState, run_config: dict, dist,
-         save_total_limit: int | None = None, hooks: TestingHooks | None = None) -> Path:
+         save_total_limit: int | None = None, hooks: TestingHooks | None = None, protect: Path | None = None) -> Path:
     """Write ``step-{state.step}`` atomically; a collective: EVERY rank calls it. Returns the folder. A step that
-    already has a complete checkpoint is not written twice. ``hooks``: the testing hooks (pause before COMPLETE)."""
+    already has a complete checkpoint is not written twice. ``hooks``: the testing hooks (pause before COMPLETE).
+    ``protect``: a checkpoint retention never deletes (the best eval's, with --load_best_model_at_end)."""
     path = step_dir(output_dir, state.step)
     # Rank 0 decides (max-reduce of its answer): every rank must take the same branch or a collective hangs.
     if all_reduce_max(float(is_complete(path)) if dist.is_main else 0.0) > 0:
@@ -108,16 +109,21 @@ def save(output_dir: str | Path, engine, state: TrainerState, run_config: dict, 
         write_json_atomic(path / COMPLETE, {"step": state.step, "files": _sync_and_sizes(path)})
         fsync_dir(path)
         if save_total_limit:
-            _apply_retention(output_dir, save_total_limit, keep=path)
+            _apply_retention(output_dir, save_total_limit, keep=path, protect=protect)
     barrier()
     print0(f"saved checkpoint {path}")
     return path
 
 
-def _apply_retention(output_dir: str | Path, limit: int, keep: Path) -> None:
-    complete = [p for _, p, done in list_checkpoints(output_dir) if done]
-    for old in complete[: max(len(complete) - limit, 0)]:
-        if old != keep:
+def _apply_retention(output_dir: str | Path, limit: int, keep: Path, protect: Path | None = None) -> None:
+    """Delete the oldest complete checkpoints beyond ``limit``; never ``keep`` (the new one) nor ``protect``
+    (the best one, which is then kept in addition to the ``limit`` newest)."""
+    complete = [Path(p) for _, p, done in list_checkpoints(output_dir) if done]
+    spared = set(complete[max(len(complete) - limit, 0):]) | {Path(keep)}
+    if protect is not None:
+        spared.add(Path(protect))
+    for old in complete:
+        if old not in spared:
             remove_checkpoint(old)
 
 

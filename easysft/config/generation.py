@@ -11,34 +11,87 @@ from easysft.errors import ConfigError
 
 EXPORT_FORMATS = ("hf", "gguf")
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+# The original design's sampling settings, kept as ``--generation_preset original``. Its repetition penalty 2.0
+# punishes every token already in the prompt, so answers that must copy words from the prompt come out mangled.
+ORIGINAL_PRESET = {"do_sample": True, "temperature": 0.7, "top_p": 1.0, "top_k": 50, "repetition_penalty": 2.0,
+                   "num_beams": 1}
+# transformers' neutral values (GenerationConfig()): what a model without its own generation_config.json gets.
+NEUTRAL_VALUES = {"do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0,
+                  "num_beams": 1}
+GENERATION_PRESETS = ("model", "original")
+SAMPLING_FIELDS = tuple(NEUTRAL_VALUES)
 
 
 @dataclass
 class GenerateConfig:
-    """Sampling settings for infer and chat (the original design's defaults)."""
+    """Generation settings for infer, chat and generation eval.
+
+    A sampling field left unset (None) comes from ``--generation_preset``: 'model' (default) takes the model's
+    own ``generation_config.json`` (transformers' neutral values where it says nothing: greedy, repetition
+    penalty 1.0); 'original' takes the original design's values (sampling at 0.7, repetition penalty 2.0).
+    Settings saved with a model (easysft.json) and typed flags override the preset (models/meta.py).
+    """
 
     max_new_tokens: int | None = field(default=None, metadata=_help("Tokens to generate (default: max_ans_len)."))
-    temperature: float = field(default=0.7, metadata=_help("Sampling temperature."))
-    do_sample: bool = field(default=True, metadata=_help("Sample (true) or greedy (false)."))
-    top_p: float = field(default=1.0, metadata=_help("Nucleus sampling mass."))
-    top_k: int = field(default=50, metadata=_help("Top-k sampling."))
-    repetition_penalty: float = field(default=2.0, metadata=_help("Repetition penalty (original default 2.0)."))
-    num_beams: int = field(default=1, metadata=_help("Beam search width."))
+    temperature: float | None = field(default=None, metadata=_help("Sampling temperature (default: the preset's)."))
+    do_sample: bool | None = field(default=None, metadata=_help("Sample (true) or greedy (false) (default: the preset's)."))
+    top_p: float | None = field(default=None, metadata=_help("Nucleus sampling mass (default: the preset's)."))
+    top_k: int | None = field(default=None, metadata=_help("Top-k sampling (default: the preset's)."))
+    repetition_penalty: float | None = field(
+        default=None, metadata=_help("Repetition penalty, 1.0 = off (default: the preset's; 'original': 2.0)."))
+    num_beams: int | None = field(default=None, metadata=_help("Beam search width (default: the preset's)."))
+    generation_preset: str = field(
+        default="model",
+        metadata=_help("Where unset generation flags come from: 'model' (the model's generation_config.json, "
+                       "else greedy with repetition penalty 1.0) or 'original' (the original design: sampling, "
+                       "temperature 0.7, top_k 50, repetition penalty 2.0)."),
+    )
 
     def __post_init__(self) -> None:
         normalise_fields(self)
+        if self.generation_preset not in GENERATION_PRESETS:
+            raise ConfigError(f"--generation_preset {self.generation_preset!r} is unknown; choose one of: "
+                              f"{', '.join(GENERATION_PRESETS)}.")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ConfigError(f"--max_new_tokens must be at least 1, got {self.max_new_tokens}.")
-        if self.temperature <= 0 and self.do_sample:
+        if self.temperature is not None and self.temperature <= 0 and self.do_sample is not False:
             raise ConfigError("--temperature must be positive when sampling; use --do_sample false for greedy.")
-        if self.num_beams < 1:
+        if self.num_beams is not None and self.num_beams < 1:
             raise ConfigError(f"--num_beams must be at least 1, got {self.num_beams}.")
-        if self.repetition_penalty <= 0:
+        if self.repetition_penalty is not None and self.repetition_penalty <= 0:
             raise ConfigError(f"--repetition_penalty must be positive, got {self.repetition_penalty}.")
         if self.top_k < 0:
             raise ConfigError(f"--top_k must be 0 (off) or a positive number of tokens, got {self.top_k}.")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"--top_p must be in (0, 1], got {self.top_p}.")
+
+    @property
+    def is_filled(self) -> bool:
+        return all(getattr(self, name) is not None for name in SAMPLING_FIELDS)
+
+    def filled(self, model_defaults: dict | None = None) -> GenerateConfig:
+        """Every sampling field set: the values given here, else the preset's ('model': ``model_defaults``, a
+        model's ``generation_config`` as a dict, then transformers' neutral values)."""
+        if self.is_filled:
+            return self
+        if self.generation_preset == "original":
+            base = dict(ORIGINAL_PRESET)
+        else:
+            base = dict(NEUTRAL_VALUES)
+            base.update({k: v for k, v in (model_defaults or {}).items() if k in base and v is not None})
+        values = {name: getattr(self, name) if getattr(self, name) is not None else base[name]
+                  for name in SAMPLING_FIELDS}
+        if values["temperature"] <= 0:  # some generation_config.json files say 0 for greedy; it is unused then
+            values["temperature"] = 1.0
+        return GenerateConfig(max_new_tokens=self.max_new_tokens, generation_preset=self.generation_preset, **values)
+
+
+def model_generation_defaults(model) -> dict:
+    """The sampling fields of ``model.generation_config`` (its generation_config.json; {} when it has none)."""
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return {}
+    return {name: getattr(config, name, None) for name in SAMPLING_FIELDS}
 
 
 @dataclass
@@ -86,6 +139,11 @@ class EvalConfig:
     per_device_eval_batch_size: int = field(default=8, metadata=_help("Samples per batch."))
     seed: int = field(default=1234, metadata=_help("Seed used to hold out eval rows from single files."))
     dtype: str = field(default="fp32", metadata=_help("fp32, bf16 or fp16."))
+    generate: int = field(
+        default=0, metadata=_help("Also generate answers for the first N rows of the split and score them "
+                                  "(exact_match, rouge_l, chrf, bleu, --eval_metric), as training's --eval_generate."))
+    eval_metric: str | None = field(
+        default=None, metadata=_help("With --generate: your metric, 'path/to/file.py:function' or 'module:function'."))
 
     def __post_init__(self) -> None:
         normalise_fields(self)
@@ -95,6 +153,10 @@ class EvalConfig:
             raise ConfigError(f"--per_device_eval_batch_size must be at least 1, got {self.per_device_eval_batch_size}.")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype {self.dtype!r} is unknown; choose one of: {', '.join(DTYPES)}.")
+        if self.generate is None or self.generate < 0:
+            raise ConfigError(f"--generate must be 0 (off) or a number of rows, got {self.generate}.")
+        if self.eval_metric and not self.generate:
+            raise ConfigError("--eval_metric scores generated answers: add --generate N (rows to generate).")
 
 
 @dataclass

@@ -128,6 +128,32 @@ class TrainConfig:
     double_quant: bool = field(
         default=False, metadata=_help("With --quantization 4bit: also quantize the block scales (~0.4 bit/weight less).")
     )
+    eval_generate: int = field(
+        default=0, metadata=_help("At every eval, generate answers for the first N eval rows and score them "
+                                  "(exact_match, rouge_l, chrf, bleu, --eval_metric); 0 = off."))
+    eval_max_new_tokens: int | None = field(
+        default=None, metadata=_help("Tokens generated per answer in generation eval (default: --max_new_tokens, "
+                                     "else max_ans_len)."))
+    eval_metric: str | None = field(
+        default=None, metadata=_help("Your own generation metric: 'path/to/file.py:function' or 'module:function', "
+                                     "called as function(predictions, references, prompts) -> {name: float}."))
+    metric_for_best_model: str | None = field(
+        default=None, metadata=_help("Eval record field that ranks evals: eval_loss, eval_exact_match, eval_rouge_l, "
+                                     "eval_chrf, eval_bleu, eval_<your metric>, probe_nll, probe_kl (default with "
+                                     "--load_best_model_at_end / --early_stopping_patience: eval_loss)."))
+    greater_is_better: bool | None = field(
+        default=None, metadata=_help("Override the direction of --metric_for_best_model (default: lower is better "
+                                     "for loss/ppl/nll/kl, higher for everything else)."))
+    load_best_model_at_end: bool = field(
+        default=False, metadata=_help("The final model is the best eval's weights (a checkpoint is kept for it)."))
+    early_stopping_patience: int | None = field(
+        default=None, metadata=_help("Stop after this many evals in a row without improvement of "
+                                     "--metric_for_best_model; saves and exits 0."))
+    early_stopping_threshold: float = field(
+        default=0.0, metadata=_help("An eval improves only when it beats the best by more than this (absolute)."))
+    probe_data: str | None = field(
+        default=None, metadata=_help("Forgetting monitor: text (.txt, one passage a line) or prompt/answer rows not "
+                                     "trained on; logs probe_nll and probe_kl (from the starting model) at each eval."))
 
     def __post_init__(self) -> None:
         normalise_fields(self)
@@ -171,5 +197,15 @@ class TrainConfig:
                               f"{', '.join(QUANTIZATIONS)}.")
         if self.double_quant and self.quantization != "4bit":
             raise ConfigError("--double_quant applies to --quantization 4bit only; add it or drop --double_quant.")
-
-
+        if self.eval_generate is None or self.eval_generate < 0:
+            raise ConfigError(f"--eval_generate must be 0 (off) or a number of rows, got {self.eval_generate}.")
+        if self.eval_max_new_tokens is not None and self.eval_max_new_tokens < 1:
+            raise ConfigError(f"--eval_max_new_tokens must be at least 1, got {self.eval_max_new_tokens}.")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            raise ConfigError(f"--early_stopping_patience must be at least 1, got {self.early_stopping_patience}.")
+        if self.early_stopping_threshold < 0:
+            raise ConfigError(f"--early_stopping_threshold must be non-negative, got {self.early_stopping_threshold}.")
+        if self.metric_for_best_model is None and (self.load_best_model_at_end or self.early_stopping_patience):
+            self.metric_for_best_model = "eval_loss"
+        if self.metric_for_best_model is not None and not self.metric_for_best_model.startswith(("eval_", "probe_")):
+            self.metric_for_best_model = "eval_" + self.metric_for_best_model  # 'exact_match' -> 'eval_exact_match'

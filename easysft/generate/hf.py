@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 
 from easysft.config import GenerateConfig
+from easysft.config.generation import model_generation_defaults
 
 
 class PaddingAwareRepetitionPenalty:
@@ -50,7 +51,9 @@ def generate_kwargs(gen: GenerateConfig, max_new_tokens: int, tokenizer, stop_id
     """Arguments for ``model.generate`` that fully pin the decoding (nothing left to the model's defaults).
 
     The repetition penalty is set to the neutral 1.0 here: :class:`PaddingAwareRepetitionPenalty` applies it.
+    Unset fields of ``gen`` take its preset's values (see :meth:`GenerateConfig.filled`).
     """
+    gen = gen.filled()
     kwargs = dict(
         max_new_tokens=max_new_tokens, do_sample=gen.do_sample, num_beams=gen.num_beams,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids, repetition_penalty=1.0, use_cache=True,
@@ -135,7 +138,7 @@ def can_prefill_separately(model, prompts: list[list[int]], gen: GenerateConfig,
     """Whether :func:`prefill_cache` applies: one sequence per prompt (no beams), prompts of 2+ tokens, and a
     model whose default cache is a plain full-attention ``DynamicCache`` (sliding-window, linear-attention and
     custom caches cannot be stitched by left padding)."""
-    if gen.num_beams != 1 or streamer is not None or min(map(len, prompts)) < 2:
+    if (gen.num_beams or 1) != 1 or streamer is not None or min(map(len, prompts)) < 2:
         return False
     supports = getattr(type(model), "_supports_default_dynamic_cache", None)
     if supports is None or not supports():
@@ -197,23 +200,35 @@ def generate_ids(
     batch_size: int = 8,
     on_batch: Callable[[int, int], None] | None = None,
     streamer=None,
+    lockstep: bool = False,
 ) -> list[list[int]]:
     """Generated ids for each prompt, EOS excluded, in input order (see the module docstring).
 
     ``on_batch(num_prompts, num_new_tokens)`` is called after each batch (progress bars). ``streamer`` (a
-    transformers streamer) is only allowed with a single prompt.
+    transformers streamer) is only allowed with a single prompt. Unset generation fields come from the model's
+    generation_config (``--generation_preset model``) or the original design's values ('original').
+
+    ``lockstep``: for models whose forward pass is a collective (DeepSpeed ZeRO-3, FSDP2): every rank must run the
+    same number of forward passes, so batches are fixed runs of ``batch_size`` prompts in length order, the prompt
+    pass is not bucketed, and ``generate(synced_gpus=True)`` keeps a finished rank stepping until all are done.
+    The caller gives every rank the same number of prompts.
     """
     if any(not ids for ids in prompts):
         raise ValueError("every prompt needs at least one token")
     if streamer is not None and len(prompts) != 1:
         raise ValueError("a streamer needs exactly one prompt")
+    gen = gen.filled(model_generation_defaults(model))
     device = next(model.parameters()).device
     stop_ids = stop_token_ids(model, tokenizer)
     kwargs = generate_kwargs(gen, max_new_tokens, tokenizer, stop_ids)
     results: list[list[int] | None] = [None] * len(prompts)
     lengths = [len(ids) for ids in prompts]
-    separate_prefill = can_prefill_separately(model, prompts, gen, streamer)
-    if separate_prefill:  # decoding groups of batch_size in length order; each group's prompt pass is bucketed
+    separate_prefill = not lockstep and can_prefill_separately(model, prompts, gen, streamer)
+    if lockstep:
+        kwargs["synced_gpus"] = True
+        order = length_order(prompts)
+        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    elif separate_prefill:  # decoding groups of batch_size in length order; each group's prompt pass is bucketed
         groups = length_order(prompts)
         batches = [groups[i:i + batch_size] for i in range(0, len(groups), batch_size)]
     else:  # one padded batch per group: padding traded against decoding steps

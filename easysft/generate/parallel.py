@@ -27,11 +27,14 @@ def shard_for_rank(prompts: list[list[int]], rank: int, world_size: int) -> list
 
 def generate_ids_data_parallel(model, tokenizer, prompts: list[list[int]], gen: GenerateConfig, *,
                                max_new_tokens: int, batch_size: int = 8,
-                               on_batch: Callable[[int, int], None] | None = None) -> list[list[int]] | None:
+                               on_batch: Callable[[int, int], None] | None = None,
+                               lockstep: bool = False) -> list[list[int]] | None:
     """:func:`generate_ids` over this rank's share; rank 0 returns all results in input order, others None.
 
     Without an initialised process group this is :func:`generate_ids`. ``gather_object`` is a collective:
-    every rank must call this function with the same ``prompts``.
+    every rank must call this function with the same ``prompts``. ``lockstep`` (sharded models, whose every
+    forward pass is a collective): shards are topped up to equal counts with a copy of a prompt whose result is
+    dropped, and :func:`generate_ids` runs in lock step (see there).
     """
     rank, world_size = dist_state()
     if world_size == 1:
@@ -40,8 +43,11 @@ def generate_ids_data_parallel(model, tokenizer, prompts: list[list[int]], gen: 
     import torch.distributed as tdist
 
     mine = shard_for_rank(prompts, rank, world_size)
-    local = generate_ids(model, tokenizer, [prompts[i] for i in mine], gen, max_new_tokens=max_new_tokens,
-                         batch_size=batch_size, on_batch=on_batch)
+    batch = [prompts[i] for i in mine]
+    if lockstep:  # every rank the same number of prompts: fillers (copies of the first prompt) are dropped below
+        batch += [prompts[0]] * (-(-len(prompts) // world_size) - len(mine))
+    local = generate_ids(model, tokenizer, batch, gen, max_new_tokens=max_new_tokens,
+                         batch_size=batch_size, on_batch=on_batch, lockstep=lockstep)[:len(mine)]
     gathered: list | None = [None] * world_size if rank == 0 else None
     # gather_object pickles through the default group; with nccl the objects travel via the current CUDA device.
     tdist.gather_object(list(zip(mine, local, strict=True)), gathered, dst=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 
 from easysft.config import GenerateConfig
+from easysft.config.generation import SAMPLING_FIELDS
 from easysft.dtypes import DTYPE_NAMES
 from easysft.errors import ConfigError
 from easysft.generate.hf import cut_at_stop
@@ -30,6 +31,7 @@ def generate_ids_vllm(model_path: str, tokenizer_path: str, adapter_path: str | 
     from vllm import LLM, SamplingParams
 
     vllm_dtype = DTYPE_NAMES[dtype]
+    gen = gen.filled(_saved_generation_defaults(model_path))
     llm = LLM(model=model_path, tokenizer=tokenizer_path, dtype=vllm_dtype, seed=seed,
               enable_lora=adapter_path is not None)
     params = SamplingParams(
@@ -48,3 +50,14 @@ def generate_ids_vllm(model_path: str, tokenizer_path: str, adapter_path: str | 
     requests = [{"prompt_token_ids": ids} for ids in prompts]
     outputs = llm.generate(requests, params, lora_request=lora, use_tqdm=True)
     return [cut_at_stop(list(out.outputs[0].token_ids), stop_ids or []) for out in outputs]
+
+
+def _saved_generation_defaults(model_path: str) -> dict:
+    """The sampling fields of ``model_path``'s generation_config.json ({} when it has none)."""
+    try:
+        from transformers import GenerationConfig
+
+        config = GenerationConfig.from_pretrained(model_path)
+    except (OSError, ValueError):
+        return {}
+    return {name: getattr(config, name, None) for name in SAMPLING_FIELDS}

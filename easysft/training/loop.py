@@ -22,8 +22,10 @@ from easysft.metrics import plot_losses
 from easysft.models.save import save_model_folder
 from easysft.testing_hooks import maybe_fail
 from easysft.training import signals
+from easysft.training.eval_extras import measure_extras
 from easysft.training.memory_check import out_of_memory_at
 from easysft.training.run import Run, TrainResult, output_lock, setup
+from easysft.training.selection import after_eval, load_best_weights
 from easysft.training.status import RunStatus
 from easysft.training.step import StepRecord, train_step
 
@@ -135,26 +137,30 @@ def save_state(run: Run, reason: str) -> Path:
     pos = run.position
     state = checkpoint.TrainerState(pos.step, pos.epoch, pos.next_micro_batch, pos.nonfinite_in_a_row, reason=reason)
     return checkpoint.save(run.output_dir, run.engine, state, run.run_config, run.dist,
-                           run.train_cfg.save_total_limit, hooks=run.hooks)
+                           run.train_cfg.save_total_limit, hooks=run.hooks,
+                           protect=run.selection.best_path if run.selection else None)  # the best is kept
 
 
 def run_eval(run: Run, step: int, epoch: float) -> None:
-    """Perplexity on the eval split (reduced over ranks), logged and kept in the result's eval history."""
+    """Perplexity on the eval split (reduced over ranks), plus generation scores and the probe when asked;
+    logged, kept in the result's eval history, then the best-model and early-stopping bookkeeping."""
     if not run.data.eval:
         return
     ev = evaluate(run.engine.model, run.data.eval, batch_size=run.train_cfg.per_device_eval_batch_size,
                   pad_token_id=run.tokenizer.pad_token_id, rank=run.dist.rank, world_size=run.dist.world_size,
                   device=run.dist.device, autocast_dtype=autocast_dtype(run.train_cfg.dtype))
     record = {"step": step, "epoch": round(epoch, 4), "eval_loss": ev.loss, "eval_ppl": ev.perplexity,
-              "eval_num_tokens": ev.num_tokens}
+              "eval_num_tokens": ev.num_tokens} | measure_extras(run, step)  # --eval_generate, --probe_data
     run.metrics.log(record)
     run.result.eval_history.append(record)
     run.result.final_eval = ev
     print0(f"eval step {step}: loss {ev.loss:.4f} ppl {ev.perplexity:.3f} ({ev.num_tokens} tokens)")
+    after_eval(run, record, save_state)  # best model (--load_best_model_at_end), early stopping
 
 
 def save_final_model(run: Run) -> None:
     """Gathering shards is a collective every rank joins; only rank 0 writes the model folder and the plot."""
+    load_best_weights(run)  # --load_best_model_at_end (a collective for sharded engines)
     state_dict = run.engine.full_state_dict()
     if run.dist.is_main:
         try:

@@ -21,6 +21,7 @@ import torch
 
 from easysft import checkpoint
 from easysft.config import DataConfig, GenerateConfig, LoraConfig, ModelConfig, TrainConfig, to_jsonable
+from easysft.config.generation import model_generation_defaults
 from easysft.config.paths import check_output_folder, output_folder_lock
 from easysft.data.batching import materialise, plan_epoch, plan_packed_epoch
 from easysft.data.collate import collate, pack
@@ -36,7 +37,9 @@ from easysft.files import write_json_atomic
 from easysft.metrics import MetricsLogger
 from easysft.models.load import load_model, load_tokenizer, resolve_model_path
 from easysft.testing_hooks import TestingHooks, testing_hooks
+from easysft.training.eval_extras import check_user_metric, prepare_eval_extras
 from easysft.training.memory_check import check_memory_flags, check_run_memory
+from easysft.training.selection import Selection
 
 DEBUG_MAX_STEPS = 8
 DEFAULT_OUTPUT_DIR = "easysft-output"
@@ -87,6 +90,8 @@ class Run:
     result: TrainResult
     position: Position
     resumed_from: Path | None = None
+    extras: object = None  # EvalExtras (training/eval_extras.py): generation eval, probe
+    selection: object = None  # Selection (training/selection.py): best model, early stopping
 
     def epoch_plan(self, epoch: int):
         """The seeded micro-batch plan of ``epoch`` for this rank (see easysft/data/batching.py).
@@ -115,7 +120,8 @@ class Run:
         """easysft.json: what eval/infer/chat need to reproduce the training prompt exactly."""
         from easysft import __version__
 
-        generation = dataclasses.asdict(self.gen_cfg)
+        # The settings generation eval measured with (unset flags filled from the model's generation_config).
+        generation = dataclasses.asdict(self.gen_cfg.filled(model_generation_defaults(self.engine.unwrapped_model())))
         if generation.get("max_new_tokens") is None:
             generation["max_new_tokens"] = self.data_cfg.max_ans_len
         return {
@@ -125,12 +131,13 @@ class Run:
             "max_ans_len": self.data_cfg.max_ans_len,
             "generation": generation,
             "base_model": self.model_cfg.model_name_or_path,
-        }
+        } | ({"best_model": self.selection.meta()} if self.selection is not None else {})
 
 
 def setup(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig, lora_cfg: LoraConfig,
           gen_cfg: GenerateConfig) -> Run:
     """Engine, output folder, tokenizer, data, model, schedule, resume and run files: a :class:`Run`."""
+    user_metric, user_metric_names = check_user_metric(train_cfg)  # a broken --eval_metric fails first
     dist = DistInfo.from_env()
     engine = make_engine(choose_engine(train_cfg, dist), dist)  # initialises torch.distributed if launched
     if train_cfg.dtype == "fp16" and dist.device.type != "cuda":
@@ -183,6 +190,8 @@ def setup(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig, 
     if train_cfg.debug:
         run.total_steps = min(run.total_steps, DEBUG_MAX_STEPS)
     engine.setup(model, train_cfg=train_cfg, num_training_steps=run.total_steps)
+    run.extras = prepare_eval_extras(run, user_metric, user_metric_names)  # before resume: the probe's start
+    run.selection = Selection.from_config(train_cfg)
     run.run_config = (to_jsonable(model_cfg, data_cfg, train_cfg, lora_cfg, gen_cfg)
                       | {"world_size": dist.world_size, "engine": engine.name, "total_steps": run.total_steps})
     if resume_path:  # weights, optimizer, scheduler and data position back; metrics.jsonl cut back to that step
@@ -191,6 +200,8 @@ def setup(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig, 
         run.position = Position(state.step, state.epoch, state.next_micro_batch, state.nonfinite_in_a_row)
         run.result.losses, run.result.eval_history = resumed.losses, resumed.eval_history
         run.resumed_from = resumed.path
+        if run.selection is not None:
+            run.selection.replay(run.result.eval_history, output_dir)
     if dist.is_main:
         write_json_atomic(Path(output_dir) / "train_config.json", run.run_config)
         write_json_atomic(Path(output_dir) / "data_report.json", data.report)

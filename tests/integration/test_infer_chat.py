@@ -259,7 +259,7 @@ def test_bundled_model_batched_greedy_equals_sequential():
              "Write one sentence about the sea, the wind, the boats in the harbour and the gulls above them."]
     prompts = [build_prompt_ids(tokenizer, settings.template, t, None, 256) for t in texts]
     assert max(map(len, prompts)) >= 4 * min(map(len, prompts))
-    gen = GenerateConfig(do_sample=False)  # repetition_penalty 2.0: the original default
+    gen = GenerateConfig(do_sample=False, repetition_penalty=2.0)  # the original design's penalty
     refs = []
     with torch.inference_mode():
         for ids in prompts:
@@ -269,3 +269,22 @@ def test_bundled_model_batched_greedy_equals_sequential():
             refs.append(cut_at_stop(out[0, len(ids):].tolist(), [tokenizer.eos_token_id]))
     for batch_size in (1, 3, 8):
         assert generate_ids(model, tokenizer, prompts, gen, max_new_tokens=12, batch_size=batch_size) == refs
+
+
+@pytest.mark.slow
+def test_bundled_chat_with_no_flags_answers_paris_and_stops(capsys):
+    """The defaults that work: no generation flag, the bundled model's own generation_config (greedy, no
+    repetition penalty) gives a short answer naming Paris that ends with EOS well before the token limit."""
+    from easysft.generate import generate_ids, resolve_settings
+    from easysft.models.load import load_model_and_tokenizer
+
+    assert main(["chat", "--model_name_or_path", "bundled", "--prompt", "What is the capital of France?"]) == 0
+    answer = capsys.readouterr().out.strip()
+    assert "Paris" in answer and len(answer) < 80, answer
+    model, tokenizer, resolved = load_model_and_tokenizer("bundled")
+    settings = resolve_settings(resolved.meta, tokenizer, {})
+    prompt = settings.template.prompt_ids(tokenizer, "What is the capital of France?")
+    # generate_ids cuts at EOS (excluded): far fewer ids than the limit means the answer ended with EOS
+    ids = generate_ids(model.eval(), tokenizer, [prompt], settings.generation,
+                       max_new_tokens=settings.max_new_tokens)[0]
+    assert len(ids) < settings.max_new_tokens // 4 and tokenizer.decode(ids).strip() == answer

@@ -178,8 +178,8 @@ def test_rows_stop_at_their_own_eos(tokenizer):
     original = G.PaddingAwareRepetitionPenalty
     G.PaddingAwareRepetitionPenalty = lambda penalty, pad_lens: ForceEos()  # type: ignore[assignment]
     try:
-        got = generate_ids(model, tokenizer, prompts, GenerateConfig(do_sample=False), max_new_tokens=6,
-                           batch_size=3)
+        got = generate_ids(model, tokenizer, prompts, GenerateConfig(do_sample=False, repetition_penalty=2.0),
+                           max_new_tokens=6, batch_size=3)
     finally:
         G.PaddingAwareRepetitionPenalty = original
     assert len(got[1]) == 2  # two tokens, then the forced EOS (excluded)
@@ -197,9 +197,14 @@ def test_resolve_settings_precedence(tokenizer):
                                                "template": "chat"})
     assert flags.template.name == "chat" and flags.max_prompt_len == 8 and flags.max_ans_len == 12
     assert flags.generation.temperature == 0.9 and flags.max_new_tokens == 3
-    plain = resolve_settings({}, tokenizer, {})  # a plain HF model: its chat template, original defaults
-    assert plain.template.name == "chat" and plain.generation.repetition_penalty == 2.0
-    assert plain.generation.do_sample is True and plain.generation.temperature == 0.7
+    plain = resolve_settings({}, tokenizer, {})  # a plain HF model: its chat template, its generation_config
+    assert plain.template.name == "chat" and plain.generation.repetition_penalty is None
+    filled = plain.generation.filled({"temperature": 0.6})  # the model's generation_config, else neutral values
+    assert (filled.do_sample, filled.temperature, filled.repetition_penalty, filled.num_beams) == (False, 0.6, 1.0, 1)
+    original = resolve_settings({}, tokenizer, {"generation_preset": "original"}).generation.filled({"top_k": 5})
+    assert (original.do_sample, original.temperature, original.top_k, original.repetition_penalty) == (True, 0.7,
+                                                                                                      50, 2.0)
+    assert original.__class__(generation_preset="original", repetition_penalty=1.3).filled().repetition_penalty == 1.3
     with pytest.raises(ConfigError):
         resolve_settings({}, tokenizer, {"max_prompt_len": 0})
 
