@@ -17,6 +17,7 @@ LR_SCHEDULERS = (
 )
 ENGINES = ("auto", "single", "ddp", "fsdp", "deepspeed")
 BACKENDS = ("hf", "vllm")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "flex", "varlen", "flash_attention_2", "eager")
 
 
 # Field metadata key: a setting that decides which samples each step sees or which weights exist. A resume that

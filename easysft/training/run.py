@@ -135,8 +135,13 @@ def setup(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig, 
     data = prepare_data(data_cfg, tokenizer, seed=train_cfg.seed, debug=train_cfg.debug, is_main=dist.is_main)
     if dist.is_main and train_cfg.debug and data.train:
         print0(render_sample(tokenizer, data.train[0]))
-    model = load_model(resolved.path, dtype="fp32", trust_remote_code=model_cfg.trust_remote_code,
+    if train_cfg.bf16_weights and engine.name not in ("single", "ddp"):
+        raise ConfigError(f"--bf16_weights works with the single and ddp engines, not {engine.name}; with "
+                          f"{engine.name} use --dtype bf16 alone (its own mixed precision).")
+    model = load_model(resolved.path, dtype="bf16" if train_cfg.bf16_weights else "fp32",
+                       trust_remote_code=model_cfg.trust_remote_code,
                        adapter_path=resolved.adapter_path, adapter_trainable=True)
+    choose_attention(model, train_cfg, dist.device.type)
     if lora_cfg.enabled:
         from easysft.models.lora import apply_lora, describe_lora
 
@@ -174,6 +179,19 @@ def setup(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig, 
         write_json_atomic(Path(output_dir) / "data_report.json", data.report)
     run.metrics = MetricsLogger(output_dir, enabled=dist.is_main, tensorboard=train_cfg.tensorboard)
     return run
+
+
+def choose_attention(model, train_cfg: TrainConfig, device_type: str) -> None:
+    """``--attn_implementation`` (easysft/models/attention.py): ``auto`` on CPU keeps the model's own choice."""
+    from easysft.models.attention import resolve_attn_implementation, set_attn_implementation
+
+    choice = resolve_attn_implementation(train_cfg.attn_implementation, device_type,
+                                         low_precision=train_cfg.dtype != "fp32")
+    if train_cfg.attn_implementation == "auto" and device_type != "cuda":
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = set_attn_implementation(base, choice, device_type)
+    print0(f"attention: {choice} ({name})")
 
 
 def prepare_output_dir(train_cfg: TrainConfig, dist: DistInfo) -> str:

@@ -18,7 +18,7 @@ LAYERS = [
     ("config",),
     ("distributed",),
     ("data",),
-    ("models", "metrics"),
+    ("models", "metrics", "chunked_ce"),
     ("loss", "kernels"),
     ("checkpoint",),
     ("engines",),
