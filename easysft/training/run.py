@@ -155,7 +155,9 @@ def setup(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig, 
     num_total = sum(p.numel() for p in model.parameters())
     print0(f"trainable parameters: {num_trainable:,} of {num_total:,} ({100 * num_trainable / num_total:.2f}%)")
     if train_cfg.torch_compile:
-        model = torch.compile(model)
+        # dynamic=True: every packed row has its own length; with static first shapes torch recompiled each
+        # graph-broken frame per new length. Symbolic lengths from the first compile: one compile per frame.
+        model = torch.compile(model, dynamic=True)
 
     run = Run(model_cfg, data_cfg, train_cfg, lora_cfg, gen_cfg, dist, engine, tokenizer, data, output_dir,
               total_steps=0, run_config={}, metrics=None, hooks=testing_hooks(),
