@@ -166,7 +166,12 @@ def _torch_varlen(q, k, v, cu_seqlens, max_len, scaling, dropout) -> torch.Tenso
         target = torch.bfloat16  # flash kernels take bf16/fp16 only (auto picks varlen only for bf16/fp16 runs)
     params = inspect.signature(varlen_attn).parameters
     groups = q.shape[1] // k.shape[1]
-    kwargs = {"scale": scaling}
+    kwargs = {}
+    if "scale" in params:
+        kwargs["scale"] = scaling
+    elif scaling is not None and abs(scaling - q.shape[-1] ** -0.5) > 1e-12:
+        raise ConfigError("--attn_implementation varlen: this torch's varlen_attn has no scale argument and the "
+                          "model uses a non-default attention scale; use sdpa or flex.")
     if groups > 1 and "enable_gqa" in params:
         kwargs["enable_gqa"] = True
     elif groups > 1:
