@@ -303,8 +303,9 @@ def format_table(rows: list[Row], num_params: int, peak_tflops: float, meta: dic
         speed = row.tokens_per_s / base.tokens_per_s if base.tokens_per_s else float("nan")
         memory = row.peak_gb / base.peak_gb if base.peak_gb == base.peak_gb and base.peak_gb else float("nan")
         mfu = 6 * num_params * row.tokens_per_s / (peak_tflops * 1e12)
-        lines.append(f"| {row.label} | {row.steps} | {row.tokens_per_s:,.0f} | {speed:.2f}x | {row.peak_gb:.1f} | "
-                     f"{memory:.2f}x | {100 * mfu:.1f}% | {row.loss:.4f} |")
+        peak = f"{row.peak_gb:.1f} | {memory:.2f}x" if row.peak_gb == row.peak_gb else "n/a (CPU) | n/a"
+        lines.append(f"| {row.label} | {row.steps} | {row.tokens_per_s:,.0f} | {speed:.2f}x | {peak} | "
+                     f"{100 * mfu:.1f}% | {row.loss:.4f} |")
     notes = [f"- {key}: {value}" for key, value in meta.items()]
     return "\n".join(lines + [""] + notes) + "\n"
 
@@ -352,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             "versions": f"torch {torch.__version__}, transformers {_version('transformers')}, trl {_version('trl')}",
             "job": f"{num_params / 1e9:.3f} B Llama (random init), batch {job.batch}, {job.steps} steps, lr "
                    f"{job.learning_rate}, fp32 weights"
-                   f"{' + bf16 autocast' if device == 'cuda' else ' (fp32 on CPU)'}, samples {min(lengths)}-{max(lengths)} "
+                   f"{' + bf16 autocast' if device == 'cuda' else ', no autocast (CPU)'}, samples {min(lengths)}-{max(lengths)} "
                    f"tokens (mean {sum(lengths) / len(lengths):.0f})",
             "matmul peak": f"{peak:.3f} TFLOP/s ({'bf16 8192^3' if device == 'cuda' else 'fp32 1024^3'}, this run)",
             "wall": f"{time.perf_counter() - started:.0f} s for the whole bench"}

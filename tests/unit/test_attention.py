@@ -97,4 +97,5 @@ def test_cuda_variable_length_backends_equal_padded_sdpa_in_bf16(tokenizer, choi
     got.loss_sum.backward()
     torch.testing.assert_close(got.loss_sum, ref.loss_sum, atol=0.05, rtol=1e-2)
     for (n, p), (_, q) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, atol=2e-2, rtol=5e-2, msg=n)
+        error = float((p.grad.float() - q.grad.float()).norm() / q.grad.float().norm().clamp_min(1e-12))
+        assert error < 0.05, (n, error)  # bf16: relative error of the whole gradient, not per element
