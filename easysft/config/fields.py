@@ -19,6 +19,7 @@ ENGINES = ("auto", "single", "ddp", "fsdp", "deepspeed")
 BACKENDS = ("hf", "vllm")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "adamw_4bit")
 QUANTIZATIONS = ("none", "4bit", "8bit")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "flex", "varlen", "flash_attention_2", "eager")
 
 
 # Field metadata key: a setting that decides which samples each step sees or which weights exist. A resume that

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from easysft.config.fields import ENGINES, LR_SCHEDULERS, OPTIMIZERS, QUANTIZATIONS, _help
+from easysft.config.fields import (
+    ATTN_IMPLEMENTATIONS,
+    ENGINES,
+    LR_SCHEDULERS,
+    OPTIMIZERS,
+    QUANTIZATIONS,
+    _help,
+)
 from easysft.config.values import normalise_fields
 from easysft.dtypes import DTYPES
 from easysft.errors import ConfigError
@@ -59,8 +66,11 @@ class TrainConfig:
     seed: int = field(default=1234, metadata=_help("Seed for shuffling, dropout and init.", resume_sensitive=True))
     dtype: str = field(default="fp32", metadata=_help("fp32, bf16 or fp16 (autocast where supported)."))
     gradient_checkpointing: bool = field(default=False, metadata=_help("Recompute activations to save memory."))
-    packing: bool = field(
-        default=False, metadata=_help("Pack samples into rows (attention never crosses samples).", resume_sensitive=True)
+    packing: bool | None = field(
+        default=None,
+        metadata=_help("Pack samples into padding-free rows (attention never crosses samples; same steps, weighting "
+                       "and losses as padded batches). Default: on, unless --group_by_length is given (which "
+                       "then pads); --packing false pads.", resume_sensitive=True),
     )
     packing_max_tokens: int | None = field(
         default=None,
@@ -154,6 +164,18 @@ class TrainConfig:
     probe_data: str | None = field(
         default=None, metadata=_help("Forgetting monitor: text (.txt, one passage a line) or prompt/answer rows not "
                                      "trained on; logs probe_nll and probe_kl (from the starting model) at each eval."))
+    attn_implementation: str = field(
+        default="auto",
+        metadata=_help("Attention kernel: " + ", ".join(ATTN_IMPLEMENTATIONS) + ". auto: on CUDA the fastest exact "
+                       "variable-length one installed (flash_attention_2, else torch varlen for bf16, else flex), "
+                       "so packed rows cost attention per sample, not per row; sdpa on CPU."),
+    )
+    bf16_weights: bool = field(
+        default=False,
+        metadata=_help("With --dtype bf16 (single process or DDP): keep the model's weights in bf16 (half the weight "
+                       "memory, no autocast casts) and an fp32 master copy in the optimizer, which takes the update "
+                       "in fp32 and copies it back rounded."),
+    )
 
     def __post_init__(self) -> None:
         normalise_fields(self)
@@ -186,8 +208,16 @@ class TrainConfig:
             raise ConfigError(f"--max_grad_norm must be non-negative, got {self.max_grad_norm}.")
         if self.packing and self.group_by_length:
             raise ConfigError(
-                "--group_by_length does nothing with --packing (packed rows are filled best-fit by length); drop one."
+                "--group_by_length does nothing with --packing (packed rows hold no padding to cut); drop one "
+                "(--group_by_length alone trains on padded batches)."
             )
+        if self.packing is None:  # the exact fast path by default; grouping by length only means something padded
+            self.packing = not self.group_by_length
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ConfigError(f"--attn_implementation {self.attn_implementation!r} is unknown; choose one of: "
+                              f"{', '.join(ATTN_IMPLEMENTATIONS)}.")
+        if self.bf16_weights and self.dtype != "bf16":
+            raise ConfigError("--bf16_weights needs --dtype bf16 (it keeps the weights in bf16); add --dtype bf16.")
         if self.max_nonfinite_steps < 1:
             raise ConfigError(f"--max_nonfinite_steps must be at least 1, got {self.max_nonfinite_steps}.")
         if self.optim not in OPTIMIZERS:

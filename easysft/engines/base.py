@@ -101,7 +101,8 @@ def build_training_state(model: torch.nn.Module, train_cfg, num_training_steps: 
     from easysft.engines.optim import build_optimizer, build_scheduler
 
     optimizer = build_optimizer(model, learning_rate=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay,
-                                device_type=device.type, optim=getattr(train_cfg, "optim", "adamw"))
+                                device_type=device.type, optim=getattr(train_cfg, "optim", "adamw"),
+                                master_weights=getattr(train_cfg, "bf16_weights", False))
     scheduler = build_scheduler(optimizer, name=train_cfg.lr_scheduler_type,
                                 num_warmup_steps=train_cfg.num_warmup_steps, num_training_steps=num_training_steps)
     scaler = torch.amp.GradScaler("cuda") if train_cfg.dtype == "fp16" and device.type == "cuda" else None

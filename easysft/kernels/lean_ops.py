@@ -87,13 +87,18 @@ class _SwiGLUDownFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         gate, up, down_weight = ctx.saved_tensors
+        # Under autocast the forward multiplied in gate's dtype (bf16) by a cast of the fp32 weight, and the
+        # backward runs outside autocast: multiply in gate's dtype again, return the weight's gradient in its own.
+        compute_dtype = gate.dtype
+        grad_out = grad_out.to(compute_dtype)
         silu_gate = F.silu(gate)
         grad_weight = None
         if ctx.needs_input_grad[2]:
             hidden = silu_gate * up
-            grad_weight = grad_out.reshape(-1, grad_out.shape[-1]).T @ hidden.reshape(-1, hidden.shape[-1])
+            grad_weight = (grad_out.reshape(-1, grad_out.shape[-1]).T @ hidden.reshape(-1, hidden.shape[-1])
+                           ).to(down_weight.dtype)
             del hidden
-        grad_hidden = grad_out @ down_weight
+        grad_hidden = grad_out @ down_weight.to(compute_dtype)
         grad_up = grad_hidden * silu_gate
         sigmoid_gate = torch.sigmoid(gate)
         # silu'(g) = sigmoid(g) * (1 + g * (1 - sigmoid(g)))
@@ -302,6 +307,7 @@ def apply_lean_ops(model: torch.nn.Module, *, recompute_norm_outputs: bool = Tru
     head = _plain_trainable_head(model) if defer_head_weight_grad else None
     if head is not None:
         head.forward = types.MethodType(_head_forward_with_deferred_weight_grad, head)
+        head._easysft_defer_weight_grad = True  # the chunked loss (easysft/chunked_ce.py) defers it the same way
         return changed + 1  # a tied embedding's gradient then goes through autograd alone: nothing to add
     embedding = _tied_plain_embedding(model)
     if embedding is not None:

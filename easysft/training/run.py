@@ -154,10 +154,15 @@ def setup(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig, 
         print0(render_sample(tokenizer, data.train[0]))
     if data.mixing is not None:
         print0("\n".join(format_mixing(data.report["mixing"])))
+    if train_cfg.bf16_weights and engine.name not in ("single", "ddp"):
+        raise ConfigError(f"--bf16_weights works with the single and ddp engines, not {engine.name}; with "
+                          f"{engine.name} use --dtype bf16 alone (its own mixed precision).")
     check_run_memory(model_cfg, data_cfg, train_cfg, lora_cfg, resolved.path, run_data=data, engine=engine, dist=dist)
-    model = load_model(resolved.path, dtype="fp32", trust_remote_code=model_cfg.trust_remote_code,
+    model = load_model(resolved.path, dtype="bf16" if train_cfg.bf16_weights else "fp32",
+                       trust_remote_code=model_cfg.trust_remote_code,
                        adapter_path=resolved.adapter_path, adapter_trainable=True,
                        quantization=train_cfg.quantization, double_quant=train_cfg.double_quant, device=dist.device)
+    choose_attention(model, train_cfg, dist.device.type)
     if train_cfg.quantization != "none":
         from easysft.models.quantize import describe_quantization
 
@@ -179,7 +184,9 @@ def setup(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig, 
     num_total = sum(p.numel() for p in model.parameters())
     print0(f"trainable parameters: {num_trainable:,} of {num_total:,} ({100 * num_trainable / num_total:.2f}%)")
     if train_cfg.torch_compile:
-        model = torch.compile(model)
+        # dynamic=True: every packed row has its own length; with static first shapes torch recompiled each
+        # graph-broken frame per new length. Symbolic lengths from the first compile: one compile per frame.
+        model = torch.compile(model, dynamic=True)
 
     run = Run(model_cfg, data_cfg, train_cfg, lora_cfg, gen_cfg, dist, engine, tokenizer, data, output_dir,
               total_steps=0, run_config={}, metrics=None, hooks=testing_hooks(),
@@ -220,6 +227,19 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
+
+
+def choose_attention(model, train_cfg: TrainConfig, device_type: str) -> None:
+    """``--attn_implementation`` (easysft/models/attention.py): ``auto`` on CPU keeps the model's own choice."""
+    from easysft.models.attention import resolve_attn_implementation, set_attn_implementation
+
+    choice = resolve_attn_implementation(train_cfg.attn_implementation, device_type,
+                                         low_precision=train_cfg.dtype != "fp32")
+    if train_cfg.attn_implementation == "auto" and device_type != "cuda":
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = set_attn_implementation(base, choice, device_type)
+    print0(f"attention: {choice} ({name})")
 
 
 def prepare_output_dir(train_cfg: TrainConfig, dist: DistInfo) -> str:

@@ -141,3 +141,12 @@ def test_packing_with_group_by_length_is_refused(qa_data_dir, tmp_path, capsys):
     assert main(["train", "--data_path", qa_data_dir, "--output_dir", str(tmp_path / "o"), "--packing",
                  "--group_by_length"]) == 2
     assert "--group_by_length does nothing with --packing" in capsys.readouterr().err
+
+
+def test_packing_is_on_by_default_and_group_by_length_pads():
+    """The exact fast path is the default; --group_by_length alone means padded batches; --packing false pads."""
+    from easysft.config import TrainConfig
+
+    assert TrainConfig().packing is True
+    assert TrainConfig(group_by_length=True).packing is False
+    assert TrainConfig(packing=False).packing is False

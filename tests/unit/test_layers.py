@@ -18,7 +18,7 @@ LAYERS = [
     ("config",),
     ("distributed",),
     ("data",),
-    ("models", "metrics", "scoring"),
+    ("models", "metrics", "scoring", "chunked_ce"),
     ("loss", "kernels"),
     ("checkpoint",),
     ("engines",),
