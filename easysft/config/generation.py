@@ -60,9 +60,9 @@ class GenerateConfig:
             raise ConfigError(f"--num_beams must be at least 1, got {self.num_beams}.")
         if self.repetition_penalty is not None and self.repetition_penalty <= 0:
             raise ConfigError(f"--repetition_penalty must be positive, got {self.repetition_penalty}.")
-        if self.top_k < 0:
+        if self.top_k is not None and self.top_k < 0:
             raise ConfigError(f"--top_k must be 0 (off) or a positive number of tokens, got {self.top_k}.")
-        if not 0.0 < self.top_p <= 1.0:
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"--top_p must be in (0, 1], got {self.top_p}.")
 
     @property

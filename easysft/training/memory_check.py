@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from easysft.distributed import print0
-from easysft.errors import TrainingError
+from easysft.errors import ModelError, TrainingError
 from easysft.training.memory_estimate import (
     GiB,
     count_params,
@@ -40,8 +40,14 @@ def check_run_memory(model_cfg, data_cfg, train_cfg, lora_cfg, model_path: str, 
     the device, unless --skip_memory_check. Reads the model's config only; nothing is loaded."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=model_cfg.trust_remote_code)
-    counts = count_params(config, lora_rank=lora_cfg.lora_dim, lora_module_name=lora_cfg.lora_module_name)
+    config = None
+    try:
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=model_cfg.trust_remote_code)
+        counts = count_params(config, lora_rank=lora_cfg.lora_dim, lora_module_name=lora_cfg.lora_module_name)
+    except (OSError, ValueError) as exc:  # the same one line load_model gives, before minutes of loading
+        model_type = getattr(config, "model_type", "?")
+        raise ModelError(f"{model_path} ({model_type}) is not a causal language model that transformers can load: "
+                         f"{str(exc).splitlines()[0]}") from None
     step = largest_step(run_data.train, batch_size=train_cfg.per_device_train_batch_size,
                         packing=train_cfg.packing, packing_max_tokens=train_cfg.packing_max_tokens)
     estimate = estimate_memory(

@@ -129,7 +129,7 @@ def test_broken_metric_fails_before_anything_is_written(tiny_model_dir, qa_data_
     assert not (tmp_path / "out").exists()
     with pytest.raises(ConfigError, match="--metric_for_best_model eval_exact_match: not measured"):
         run(tiny_model_dir, qa_data_dir, tmp_path / "out2", max_steps=1, metric_for_best_model="exact_match")
-    assert Path(tmp_path / "out2").exists()  # (the folder is made before the model loads; nothing else)
+    assert not Path(tmp_path / "out2").exists()  # the folder made for the failed run is removed again
 
 
 def test_eval_command_generate_scores_one_json_line(tiny_model_dir, qa_data_dir, tmp_path, capsys):
