@@ -9,7 +9,7 @@ parameters did not finish within 4 minutes on the shared development machine (a 
 
 Each run is its own ``easysft train`` process started through this module's ``--child`` entry, which runs the
 CLI and then writes the process's peaks as JSON: on CUDA ``torch.cuda.max_memory_allocated`` (what the estimate
-predicts, the CUDA context excluded) and the reserved peak; on CPU the process's ``ru_maxrss``. The estimate is
+predicts, the CUDA context excluded) and the reserved peak; on CPU the process's resident high-water mark since exec (``VmHWM``). The estimate is
 the ``memory estimate per device`` line the run printed before loading its weights. tokens/s leaves out step 1
 (optimizer state allocation, warm-up).
 
@@ -117,7 +117,8 @@ def run_one(label: str, model: str, data_dir: Path, out_dir: Path, steps: int, e
     steps_ = [r for r in records if "tokens_per_s" in r]
     timed = steps_[1:] or steps_
     seconds = sum(r["total_tokens"] / r["tokens_per_s"] for r in timed)
-    measured = peaks["cuda_max_allocated"] if peaks.get("cuda_max_allocated") else usage.ru_maxrss * 1024
+    measured = (peaks["cuda_max_allocated"] if peaks.get("cuda_max_allocated")
+                else peaks.get("rss_high_water") or usage.ru_maxrss * 1024)
     return {"mode": label, "estimate_gib": float(found.group(2)) if found else float("nan"),
             "peak_gib": measured / 2**30, "device": found.group(1) if found else "?",
             "reserved_gib": peaks.get("cuda_max_reserved", 0) / 2**30,
@@ -141,6 +142,16 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _rss_high_water() -> int:
+    """This process's peak resident memory in bytes since its exec (``VmHWM``). Not ``ru_maxrss``: that high-water
+    mark survives exec, so a child forked from a large parent (a pytest process that loaded models) starts at the
+    parent's size."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def child(peaks_file: str, argv: list[str]) -> None:
     """Run the easysft CLI in this process, then record its peaks (see the module docstring)."""
     from easysft.cli import main as cli_main
@@ -152,6 +163,7 @@ def child(peaks_file: str, argv: list[str]) -> None:
     if torch.cuda.is_available():
         peaks = {"cuda_max_allocated": torch.cuda.max_memory_allocated(),
                  "cuda_max_reserved": torch.cuda.max_memory_reserved()}
+    peaks["rss_high_water"] = _rss_high_water()
     Path(peaks_file).write_text(json.dumps(peaks))
     raise SystemExit(code)
 
