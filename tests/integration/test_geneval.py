@@ -156,9 +156,9 @@ def test_demo_model_infer_with_no_flags_reproduces_the_demo(tmp_path):
     from easysft.demo import main as demo_main
 
     out = tmp_path / "demo"
-    assert demo_main(["--output_dir", str(out), "--max_steps", "6", "--num_eval", "8"]) == 0
+    assert demo_main(["--output_dir", str(out), "--max_steps", "2", "--num_eval", "4"]) == 0
     summary = json.loads((out / "demo_summary.json").read_text())
-    reported = [json.loads(line) for line in (out / "model/eval_predictions/step-6.jsonl").read_text().splitlines()]
+    reported = [json.loads(line) for line in (out / "model/eval_predictions/step-2.jsonl").read_text().splitlines()]
     assert main(["infer", "--model_name_or_path", str(out / "model"), "--data_path", str(out / "data"),
                  "--inference_output_path", str(tmp_path / "preds.jsonl"), "--output_format", "jsonl"]) == 0
     inferred = [json.loads(line) for line in (tmp_path / "preds.jsonl").read_text().splitlines()]
