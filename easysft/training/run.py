@@ -245,9 +245,12 @@ def choose_attention(model, train_cfg: TrainConfig, device_type: str) -> None:
 def prepare_output_dir(train_cfg: TrainConfig, dist: DistInfo) -> str:
     """Validate ``--output_dir``: not a file; a used folder only with --overwrite_output_dir or --resume."""
     output_dir = train_cfg.output_dir or DEFAULT_OUTPUT_DIR
-    path = check_output_folder(output_dir, may_be_used=bool(train_cfg.overwrite_output_dir or train_cfg.resume),
-                               used_hint="pass --overwrite_output_dir to replace it or --resume to continue that run")
     if dist.is_main:
+        # Rank 0 alone checks: another rank's writability probe file would make the folder look used. A refusal
+        # ends rank 0, and the launcher then stops the ranks waiting at the barrier below.
+        path = check_output_folder(output_dir, may_be_used=bool(train_cfg.overwrite_output_dir or train_cfg.resume),
+                                   used_hint="pass --overwrite_output_dir to replace it or --resume to continue "
+                                             "that run")
         path.mkdir(parents=True, exist_ok=True)
         if train_cfg.overwrite_output_dir and not train_cfg.resume:
             # A fresh run must not append to the old run's metrics nor resume the old run's checkpoints.
