@@ -178,6 +178,31 @@ def test_multi_turn_makes_one_sample_per_assistant_turn(tokenizer, tmp_path):
     assert multi.report["train"]["rows"] == 1 and multi.report["train"]["kept"] == 2
 
 
+def test_multi_turn_chat_samples_are_prefixes_of_the_whole_conversation(tokenizer, tmp_path):
+    """--multi_turn --template chat: sample k is the tokenizer's rendering of the WHOLE conversation cut right
+    after assistant turn k's end token, and only that turn's content + end token is supervised."""
+    msgs = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4, of course."},
+            {"role": "user", "content": "And times three?"}, {"role": "assistant", "content": "12\nDone."},
+            {"role": "user", "content": "Hi in Japanese?"}, {"role": "assistant", "content": " こんにちは!"}]
+    path = write_lines(tmp_path / "chat.jsonl", [json.dumps({"messages": msgs})])
+    samples = prepare_data(cfg(path, template="chat", multi_turn=True), tokenizer).train
+
+    def rendered(messages, **kwargs):
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    whole = rendered(msgs)
+    assistant_at = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+    assert len(samples) == len(assistant_at) == 3
+    for sample, i in zip(samples, assistant_at, strict=True):
+        prompt_len = len(rendered(msgs[:i], add_generation_prompt=True))
+        ids, labels = sample["input_ids"], sample["labels"]
+        assert ids == whole[: len(ids)]
+        assert labels == [IGNORE_INDEX] * prompt_len + ids[prompt_len:]
+        assert tokenizer.decode(ids[prompt_len:]) == msgs[i]["content"] + tokenizer.eos_token
+
+
 # ---------------------------------------------------------------------------------------------- report
 
 def test_report_truncation_lengths_and_supervised_share(tokenizer, tmp_path):
