@@ -212,6 +212,8 @@ EASYSFT_VARIANTS = {
     "easysft": ("easysft", []),
     # TRL's SFTConfig checkpoints activations by default; this row is easysft with the same setting.
     "easysft-gc": ("easysft --gradient_checkpointing", ["--gradient_checkpointing"]),
+    # The price of returning freed memory to the OS (the README's Speed section quotes this pair).
+    "easysft-keep-memory": ("easysft --release_cpu_memory false", ["--release_cpu_memory", "false"]),
 }
 
 

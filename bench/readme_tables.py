@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from bench.bench_lora import lora_table
-from bench.tables import infer_markdown, lora_markdown, train_markdown
+from bench.tables import infer_markdown, lora_markdown, release_memory_markdown, train_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -28,6 +28,7 @@ BLOCKS = {
     "train": ("train", train_markdown),
     "lora": ("train", lora_markdown),
     "infer": ("infer", infer_markdown),
+    "release_memory": ("release_memory", release_memory_markdown),
 }
 # results file stem -> (title of its .md, renderer)
 RESULT_PAGES = {
@@ -75,6 +76,12 @@ def write_results_markdown(stem: str) -> Path:
     return path
 
 
+def rendered_pages() -> list[str]:
+    """The results pages this script renders: :data:`RESULT_PAGES` and every saved training run (other benches,
+    such as bench_data, write their own ``.md``)."""
+    return sorted({*RESULT_PAGES, *(p.stem for p in RESULTS.glob("*.json") if _is_training_run(p))})
+
+
 def _is_training_run(path: Path) -> bool:
     """A bench_train results file (saved under any --results_name); other benches write their own pages."""
     return "peak_gflops" in json.loads(path.read_text(encoding="utf-8"))
@@ -93,7 +100,7 @@ def differences() -> list[str]:
             problems.append(f"README.md has no <!-- BENCH:{name} --> block for bench/results/{stem}.json")
         elif have_json and current[name] != render_block(name):
             problems.append(f"README.md block BENCH:{name} differs from bench/results/{stem}.json")
-    for stem in sorted({*RESULT_PAGES, *(p.stem for p in RESULTS.glob("*.json") if _is_training_run(p))}):
+    for stem in rendered_pages():
         json_path, md_path = RESULTS / f"{stem}.json", RESULTS / f"{stem}.md"
         if json_path.exists() and (not md_path.exists() or md_path.read_text(encoding="utf-8") != results_page(stem)):
             problems.append(f"bench/results/{stem}.md differs from {stem}.json")
@@ -117,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"bench.readme_tables: missing {', '.join(sorted(set(missing)))}: run its benchmark first", file=sys.stderr)
         return 1
-    for path in RESULTS.glob("*.json"):
-        write_results_markdown(path.stem)
+    for stem in rendered_pages():
+        if (RESULTS / f"{stem}.json").exists():
+            write_results_markdown(stem)
     README.write_text(render_readme(text), encoding="utf-8")
     return 0
 

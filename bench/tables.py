@@ -55,7 +55,7 @@ HANDICAPS = (
     "head and syncs them to the CPU every step for its logs (TRL 1.16's `SFTTrainer.compute_loss` always does; "
     "there is no switch to turn them off); it logs every {trl_log} steps. easysft writes a metrics.jsonl line "
     "every step and returns freed memory to the OS after each forward and twice per backward "
-    "(`--release_cpu_memory`, ~8% of its tokens/s)."
+    "(`--release_cpu_memory`; its cost is measured in `bench/results/release_memory.md`)."
 )
 
 
@@ -176,6 +176,27 @@ def lora_markdown(payload: dict) -> str:
         f"{low['peak_rss_mb'] / full['peak_rss_mb']:.2f}x the peak memory**. (MFU and 6N-MFU as defined in the "
         "Speed section; LoRA's count uses 4x for the frozen weights.)",
     ]
+    return "\n".join(lines) + "\n"
+
+
+def release_memory_markdown(payload: dict) -> str:
+    """The price of ``--release_cpu_memory`` (on by default): easysft with it and without it, same job, one run."""
+    meta = payload["meta"]
+    rows = {r["tool"]: r for r in train_rows(payload) if not r["error"]}
+    on, off = rows["easysft"], rows["easysft --release_cpu_memory false"]
+    lines = [
+        f"From `bench/results/release_memory.json` ({meta['date']}, `python -m bench.bench_train --tools "
+        f"easysft,easysft-keep-memory --modes full`: the training benchmark's full fine-tuning job, "
+        f"{meta['steps']} steps, packed, fp32). {meta['note']}",
+        "",
+        "| easysft | tokens/s | peak RSS (MB) | final eval loss |",
+        "|---|---:|---:|---:|",
+    ]
+    for label, row in (("default (`--release_cpu_memory true`)", on), ("`--release_cpu_memory false`", off)):
+        lines.append(f"| {label} | {row['tokens_per_s']:.1f} | {row['peak_rss_mb']:,.0f} | {row['eval_loss']:.4f} |")
+    lines += ["", f"Returning freed memory: **{on['peak_rss_mb'] - off['peak_rss_mb']:+,.0f} MB peak RSS** "
+              f"({on['peak_rss_mb'] / off['peak_rss_mb']:.2f}x) at **{on['tokens_per_s'] / off['tokens_per_s']:.2f}x "
+              "the tokens/s** (one run each: differences within ~5% are noise on this machine)."]
     return "\n".join(lines) + "\n"
 
 
