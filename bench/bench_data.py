@@ -10,8 +10,9 @@ tokenizer by `easysft prepare` in a subprocess (a fresh cache each time). Measur
 3. peak RSS of a short `easysft train` (a tiny random 2-layer Llama, a few steps) on a cache of ``--train_small``
    rows vs ``--large`` rows (memory-mapped samples: the difference should stay under 150 MB).
 
-Peak RSS is the process tree's: the largest ``ru_maxrss`` of the child for one process, and for ``--num_proc 2``
-also the sum of the tree's RSS sampled every 50 ms (forked workers share pages, so the sum over-counts).
+Peak RSS: the main `easysft` process's own high-water mark (``VmHWM``, recorded by :mod:`bench.high_water`; not
+``ru_maxrss``, which a child inherits from this larger parent), and for ``--num_proc 2`` also the sum of the tree's
+RSS sampled every 50 ms (forked workers share pages, so the sum over-counts).
 
     python -m bench.bench_data                      # 100k / 1M rows, speed on 200k
     python -m bench.bench_data --small 2000 --large 20000 --speed_rows 20000 --train_small 1000   # a quick look
@@ -75,8 +76,9 @@ def _tree_rss(pid: int) -> int:
 def run_measured(args: list[str]) -> dict:
     """Run ``python -m easysft ARGS``; wall seconds, peak RSS of the largest process and of the sampled tree."""
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "easysft", *args], env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    peaks_file = Path(tempfile.mkdtemp(prefix="bench-data-peaks-")) / "peaks.json"
+    proc = subprocess.Popen([sys.executable, "-m", "bench.high_water", str(peaks_file), *args], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak_tree, main_cpu = 0, 0.0
     done = threading.Event()
 
@@ -102,7 +104,9 @@ def run_measured(args: list[str]) -> dict:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise RuntimeError(f"easysft {' '.join(args)} failed ({proc.returncode}):\n{output[-3000:]}")
-    return {"wall_s": time.perf_counter() - started, "peak_rss_mb": usage.ru_maxrss / 1024,
+    peak = json.loads(peaks_file.read_text(encoding="utf-8"))["rss_high_water"]
+    shutil.rmtree(peaks_file.parent, ignore_errors=True)
+    return {"wall_s": time.perf_counter() - started, "peak_rss_mb": peak / 2**20,
             "peak_tree_rss_mb": peak_tree / 2**20, "output": output,
             # CPU seconds: the whole tree (workers are reaped by the main process) and the main process alone.
             "cpu_s": usage.ru_utime + usage.ru_stime, "main_cpu_s": main_cpu}
@@ -127,7 +131,10 @@ def cache_digest(cache: Path) -> str:
     entries = [p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")]
     for file in sorted(entries[0].iterdir()):
         digest.update(file.name.encode())
-        digest.update(file.read_bytes() if file.suffix == ".bin" or file.name == "report.json" else b"")
+        if file.suffix == ".bin" or file.name == "report.json":
+            with open(file, "rb") as handle:  # in blocks: a whole-file read would grow this process by the cache
+                for block in iter(lambda: handle.read(1 << 22), b""):
+                    digest.update(block)
     return digest.hexdigest()
 
 
@@ -181,24 +188,55 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train_small", type=int, default=10_000, help="rows of the small training cache")
     parser.add_argument("--work", help="scratch folder (default: a temporary one, removed at the end)")
     parser.add_argument("--out", default=str(RESULTS / "data"), help="results prefix (.md and .json)")
-    parser.add_argument("--train_only", action="store_true",
-                        help="re-run only the training measurements, reusing --work and the results in --out")
+    parser.add_argument("--redo", default="",
+                        help="comma list of memory, speed, training: re-run only those parts, reusing --work (its "
+                             "row files, caches and tiny model) and the other parts' results in --out")
+    parser.add_argument("--train_only", action="store_true", help="the same as --redo training")
+    parser.add_argument("--note", default="", help="how quiet the machine was (written next to the results)")
     args = parser.parse_args(argv)
+    redo = {part for part in (args.redo.split(",") if args.redo else []) if part}
     if args.train_only:
-        return train_only(args)
-
+        redo.add("training")
+    unknown = redo - set(PARTS)
+    if unknown:
+        parser.error(f"--redo: unknown part(s) {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
+    if redo and not args.work:
+        parser.error("--redo needs the --work folder of the earlier run")
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-data-"))
     work.mkdir(parents=True, exist_ok=True)
-    results: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "load_before": load_average(), "rows": {}}
+    if redo:
+        results = json.loads(Path(args.out).with_suffix(".json").read_text(encoding="utf-8"))
+        for part in ("rows", *PARTS):
+            results[part] = {int(k): v for k, v in results.get(part, {}).items()}
+        results["redone"] = f"{', '.join(sorted(redo))} re-run {time.strftime('%Y-%m-%d %H:%M')}"
+    else:
+        results = {"date": time.strftime("%Y-%m-%d %H:%M"), "load_before": load_average(), "rows": {}}
+    if args.note:
+        results["note"] = args.note
     try:
-        files = {}
-        for n in sorted({args.small, args.large, args.speed_rows, args.train_small}):
-            files[n] = work / f"rows-{n}.jsonl"
-            write_rows(files[n], n)
-            results["rows"][n] = files[n].stat().st_size
-        # Every run uses the tiny model's folder (the bundled tokenizer, saved): one tokenizer fingerprint, so the
-        # training runs find the entries the memory runs prepared.
-        model = tiny_model(work / "tiny-llama")
+        files = {n: work / f"rows-{n}.jsonl" for n in {args.small, args.large, args.speed_rows, args.train_small}}
+        if not redo:
+            for n, path in sorted(files.items()):
+                write_rows(path, n)
+                results["rows"][n] = path.stat().st_size
+            # Every run uses the tiny model's folder (the bundled tokenizer, saved): one tokenizer fingerprint, so
+            # the training runs find the entries the memory runs prepared.
+            tiny_model(work / "tiny-llama")
+        run_parts(args, redo or set(PARTS), files, work, results)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    write_results(results, args)
+    return 0
+
+
+PARTS = ("memory", "speed", "training")
+
+
+def run_parts(args, parts: set[str], files: dict, work: Path, results: dict) -> None:
+    """Run the measured ``parts`` in order, storing each in ``results``."""
+    model = work / "tiny-llama"
+    if "memory" in parts:
         memory = {}
         for n in (args.small, args.large):
             r = prepare(files[n], work / f"cache-{n}", 1, model=str(model))
@@ -206,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"prepare {n:>9,} rows --num_proc 1: {r['wall_s']:.1f} s, {n / r['wall_s']:,.0f} rows/s, "
                   f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
         results["memory"] = memory
+    if "speed" in parts:
         speed = {}
         for num_proc in (1, 2):
             r = prepare(files[args.speed_rows], work / f"cache-np{num_proc}", num_proc, model=str(model))
@@ -216,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{speed[num_proc]['rows_per_s']:,.0f} rows/s, tree RSS {r['peak_tree_rss_mb']:.0f} MB", flush=True)
         results["speed"] = speed
         results["load_during_speed"] = load_average()
+    if "training" in parts:
         training = {}
         for n in (args.train_small, args.large):
             # The tiny model carries the bundled tokenizer: the large run finds the entry prepared above.
@@ -223,29 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             training[n] = {"wall_s": r["wall_s"], "peak_rss_mb": r["peak_rss_mb"]}
             print(f"train 3 steps on a {n:>9,}-row cache: peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
         results["training"] = training
-        results["load_after"] = load_average()
-    finally:
-        if not args.work:
-            shutil.rmtree(work, ignore_errors=True)
-    write_results(results, args)
-    return 0
-
-
-def train_only(args) -> int:
-    """Redo the training rows of an earlier run (same --work folder: its files, caches and tiny model)."""
-    work = Path(args.work)
-    results = json.loads(Path(args.out).with_suffix(".json").read_text(encoding="utf-8"))
-    for part in ("rows", "memory", "speed", "training"):
-        results[part] = {int(k): v for k, v in results.get(part, {}).items()}
-    training = {}
-    for n in (args.train_small, args.large):
-        r = train_rss(work / "tiny-llama", work / f"rows-{n}.jsonl", work / f"cache-{n}", work / "out")
-        training[n] = {"wall_s": r["wall_s"], "peak_rss_mb": r["peak_rss_mb"]}
-        print(f"train 3 steps on a {n:>9,}-row cache: peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
-    results["training"] = training
     results["load_after"] = load_average()
-    write_results(results, args)
-    return 0
 
 
 def write_results(results: dict, args) -> None:
@@ -263,8 +281,9 @@ def write_results(results: dict, args) -> None:
     lines = [
         "# Data at scale: `easysft prepare` memory and speed, training RSS on a large cache",
         "",
-        f"Measured {results['date']} with `python -m bench.bench_data` on {os.cpu_count()} CPU cores shared with "
-        "other jobs (the machine was NOT quiet). Load average before: "
+        f"Measured {results['date']} with `python -m bench.bench_data` on {os.cpu_count()} CPU cores"
+        + (f" ({results['redone']})" if results.get("redone") else "") + ". "
+        + (results.get("note") or "Conditions not stated: read the load averages.") + " Load average before: "
         f"{results['load_before']}; during the speed runs: {results['load_during_speed']}; after: "
         f"{results['load_after']}.",
         "Data: generated JSON Lines, prompts 5-120 words, answers 3-60 words (`bench/bench_data.py`), bundled "
@@ -297,7 +316,7 @@ def write_results(results: dict, args) -> None:
         f"| training peak RSS, {args.large:,}-row cache - {args.train_small:,}-row cache | <= 150 MB | "
         f"{train_delta:+.0f} MB |",
         "",
-        "Peak RSS: `ru_maxrss` of the largest process; for --num_proc 2 the tree figure sums every process's RSS "
+        "Peak RSS: the main process's own high-water mark (`VmHWM`); for --num_proc 2 the tree figure sums every process's RSS "
         "sampled every 50 ms (forked workers share pages, so it over-counts). The --num_proc speed-up is "
         "depressed whenever other jobs hold the cores: the 1.7x target needs a quiet machine.",
     ]

@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.high_water import rss_high_water
+
 RESULTS = Path(__file__).resolve().parent / "results"
 ESTIMATE = re.compile(r"memory estimate per device \((\w+)\): ([0-9.]+) GiB peak")
 
@@ -142,16 +144,6 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _rss_high_water() -> int:
-    """This process's peak resident memory in bytes since its exec (``VmHWM``). Not ``ru_maxrss``: that high-water
-    mark survives exec, so a child forked from a large parent (a pytest process that loaded models) starts at the
-    parent's size."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def child(peaks_file: str, argv: list[str]) -> None:
     """Run the easysft CLI in this process, then record its peaks (see the module docstring)."""
     from easysft.cli import main as cli_main
@@ -163,7 +155,7 @@ def child(peaks_file: str, argv: list[str]) -> None:
     if torch.cuda.is_available():
         peaks = {"cuda_max_allocated": torch.cuda.max_memory_allocated(),
                  "cuda_max_reserved": torch.cuda.max_memory_reserved()}
-    peaks["rss_high_water"] = _rss_high_water()
+    peaks["rss_high_water"] = rss_high_water()
     Path(peaks_file).write_text(json.dumps(peaks))
     raise SystemExit(code)
 

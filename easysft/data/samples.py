@@ -82,16 +82,17 @@ def _map(path: str, dtype: np.dtype) -> np.ndarray:
 class SampleView(Sequence):
     """Read-only, memory-mapped samples of one split (see the module docstring)."""
 
-    def __init__(self, ids: np.ndarray, offsets: np.ndarray, mask: np.ndarray):
+    def __init__(self, ids: np.ndarray, offsets: np.ndarray, mask: np.ndarray, mask_path: str | None = None):
         if len(offsets) < 1 or len(ids) != len(mask) or int(offsets[-1]) != len(ids):
             raise ValueError("sample arrays of inconsistent lengths")
         self._ids, self._offsets, self._mask = ids, offsets, mask
+        self._mask_path = mask_path  # the file behind ``mask`` (read in blocks by supervised_counts)
 
     @classmethod
     def open(cls, folder: str, split: str) -> SampleView:
         files = split_files(folder, split)
         return cls(_map(files["ids"], IDS_DTYPE), _map(files["offsets"], OFFSETS_DTYPE),
-                   _map(files["mask"], MASK_DTYPE))
+                   _map(files["mask"], MASK_DTYPE), mask_path=files["mask"])
 
     @classmethod
     def from_samples(cls, samples: Sequence[dict]) -> SampleView:
@@ -126,6 +127,29 @@ class SampleView(Sequence):
         """Every sample's token count (int64, a fresh array of ``len(self)`` values)."""
         return np.diff(np.asarray(self._offsets))
 
+    def supervised_counts(self, block_tokens: int = 1 << 22) -> np.ndarray:
+        """Every sample's supervised token count (int64, ``len(self)`` values).
+
+        A file-backed view reads its mask file in blocks of about ``block_tokens`` tokens with plain reads, not
+        through the memory map: pages read through a map stay in this process's resident memory, so counting a
+        million-sample split that way would add the whole mask (one byte per token) to the training run's peak.
+        """
+        offsets = np.asarray(self._offsets)
+        if self._mask_path is None:
+            return _span_sums(np.asarray(self._mask), offsets, 0)
+        counts = np.zeros(len(self), np.int64)
+        first = 0
+        with open(self._mask_path, "rb") as handle:
+            while first < len(self):
+                # Samples first..last-1 span at most block_tokens tokens (always at least one sample).
+                last = max(first + 1, int(np.searchsorted(offsets, offsets[first] + block_tokens, "right")) - 1)
+                start, stop = int(offsets[first]), int(offsets[last])
+                handle.seek(start)
+                block = np.frombuffer(handle.read(stop - start), dtype=MASK_DTYPE)
+                counts[first:last] = _span_sums(block, offsets[first:last + 1], start)
+                first = last
+        return counts
+
     def __eq__(self, other) -> bool:
         if isinstance(other, SampleView):
             return (np.array_equal(self._offsets, other._offsets) and np.array_equal(self._ids, other._ids)
@@ -138,6 +162,21 @@ class SampleView(Sequence):
 
     def __repr__(self) -> str:
         return f"SampleView({len(self)} samples, {len(self._ids)} tokens)"
+
+
+def _span_sums(mask: np.ndarray, offsets: np.ndarray, base: int) -> np.ndarray:
+    """Sum of ``mask`` over each span ``offsets[i] - base : offsets[i + 1] - base`` (empty spans give 0)."""
+    running = np.zeros(len(mask) + 1, np.int64)
+    np.cumsum(mask, dtype=np.int64, out=running[1:])
+    return running[offsets[1:] - base] - running[offsets[:-1] - base]
+
+
+def supervised_counts(samples: Sequence[dict]) -> Sequence[int]:
+    """Supervised token count of every sample: from the mask of a :class:`SampleView` (bounded memory, see
+    :meth:`SampleView.supervised_counts`), counted for a list."""
+    if isinstance(samples, SampleView):
+        return samples.supervised_counts()
+    return [sum(1 for label in s["labels"] if label != IGNORE_INDEX) for s in samples]
 
 
 def sample_lengths(samples: Sequence[dict]) -> Sequence[int]:

@@ -26,10 +26,13 @@ measured peak resident memory of the bundled model's full and LoRA runs.
 from __future__ import annotations
 
 import resource
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from easysft.data.samples import sample_lengths, supervised_counts
 from easysft.engines.optimizers import STATE_BYTES_PER_PARAM
 from easysft.models.quantize import BITS_PER_WEIGHT, is_quantized
 
@@ -109,20 +112,23 @@ def count_params(config, *, lora_rank: int = 0, lora_module_name: str = "all-lin
                        kv_width=kv_width, layers=int(text.num_hidden_layers), vocab=int(text.vocab_size))
 
 
-def largest_step(samples: list[dict], *, batch_size: int, packing: bool, packing_max_tokens: int | None) -> StepShape:
+def largest_step(samples: Sequence[dict], *, batch_size: int, packing: bool,
+                 packing_max_tokens: int | None) -> StepShape:
     """The largest micro-batch ``samples`` can make: padded rows of the longest samples, or the fullest packed row."""
-    if not samples:
+    if not len(samples):
         return StepShape(0, 0, 0)
-    lengths = sorted((len(s["input_ids"]) for s in samples), reverse=True)
-    supervised = sorted((sum(1 for label in s["labels"] if label != -100) for s in samples), reverse=True)
+    # From the cache's offsets and mask, never sample by sample: a million-sample split stays two arrays.
+    lengths = np.sort(np.asarray(sample_lengths(samples), dtype=np.int64))[::-1]
+    supervised = np.sort(np.asarray(supervised_counts(samples), dtype=np.int64))[::-1]
     top = min(batch_size, len(lengths))
+    total, total_supervised = int(lengths.sum()), int(supervised.sum())
     if packing and packing_max_tokens:
-        row = max(lengths[0], min(packing_max_tokens, sum(lengths)))
-        share = row / max(sum(lengths) / len(lengths), 1)  # samples in a full bin, on average
-        return StepShape(1, row, min(sum(supervised), int(share * sum(supervised) / len(supervised)) + 1))
+        row = max(int(lengths[0]), min(packing_max_tokens, total))
+        share = row / max(total / len(lengths), 1)  # samples in a full bin, on average
+        return StepShape(1, row, min(total_supervised, int(share * total_supervised / len(supervised)) + 1))
     if packing:
-        return StepShape(1, sum(lengths[:top]), sum(supervised[:top]))
-    return StepShape(top, lengths[0], sum(supervised[:top]))
+        return StepShape(1, int(lengths[:top].sum()), int(supervised[:top].sum()))
+    return StepShape(top, int(lengths[0]), int(supervised[:top].sum()))
 
 
 def _shards(engine: str, zero_stage: int, world: int) -> tuple[int, int, int]:

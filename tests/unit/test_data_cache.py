@@ -201,3 +201,25 @@ def test_successful_build_clears_an_old_failure_note(tmp_path):
     cache.write_failure(str(tmp_path), "k", "boom")
     cache.save_entry(str(tmp_path), "k", [{"input_ids": [1], "labels": [1]}], [], {}, {})
     assert not os.path.exists(tmp_path / "k.failed")
+
+
+def test_supervised_counts_read_in_blocks_equal_counting_the_labels(tmp_path):
+    """SampleView.supervised_counts reads the mask file in blocks (bounded memory on a million-sample split): any
+    block size, including one smaller than a sample, gives the count of non -100 labels of every sample."""
+    import random
+
+    from easysft.data.samples import SampleView, supervised_counts
+
+    rng = random.Random(0)
+    train = []
+    for _ in range(40):
+        n = rng.randint(1, 30)
+        train.append({"input_ids": list(range(n)), "labels": [t if rng.random() < 0.4 else -100 for t in range(n)]})
+    cache.save_entry(str(tmp_path), "k", train, [], {}, {})
+    view = cache.load_entry(str(tmp_path), "k").train
+    assert isinstance(view, SampleView)
+    expected = [sum(label != -100 for label in s["labels"]) for s in train]
+    for block in (1, 7, 64, 1 << 22):
+        assert view.supervised_counts(block_tokens=block).tolist() == expected
+    assert list(supervised_counts(train)) == expected
+    assert SampleView.from_samples(train).supervised_counts().tolist() == expected

@@ -49,3 +49,16 @@ def test_largest_step_is_the_longest_padded_rows_or_fullest_packed_row(packing, 
     samples = [{"input_ids": [0] * n, "labels": [-100] * (n - 2) + [1, 1]} for n in (3, 9, 5, 4)]
     step = largest_step(samples, batch_size=2, packing=packing, packing_max_tokens=max_tokens)
     assert (step.rows, step.row_tokens) == expected
+
+
+def test_largest_step_reads_a_cached_split_through_its_arrays(tmp_path):
+    """On a memory-mapped split the estimate uses the offsets and the mask file (never sample by sample) and
+    gives what the list of the same samples gives."""
+    from easysft.data import cache
+
+    samples = [{"input_ids": [1] * n, "labels": [-100] * (n - k) + [1] * k} for n, k in ((3, 1), (9, 2), (5, 5), (4, 3))]
+    cache.save_entry(str(tmp_path), "k", samples, [], {}, {})
+    view = cache.load_entry(str(tmp_path), "k").train
+    for packing, max_tokens in ((False, None), (True, None), (True, 10)):
+        assert (largest_step(view, batch_size=2, packing=packing, packing_max_tokens=max_tokens)
+                == largest_step(samples, batch_size=2, packing=packing, packing_max_tokens=max_tokens))
