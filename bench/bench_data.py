@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         results = json.loads(Path(args.out).with_suffix(".json").read_text(encoding="utf-8"))
         for part in ("rows", *PARTS):
             results[part] = {int(k): v for k, v in results.get(part, {}).items()}
-        results["redone"] = f"{', '.join(sorted(redo))} re-run {time.strftime('%Y-%m-%d %H:%M')}"
+        redone = f"{', '.join(sorted(redo))} re-run {time.strftime('%Y-%m-%d %H:%M')}"
+        results["redone"] = f"{results['redone']}; {redone}" if results.get("redone") else redone
     else:
         results = {"date": time.strftime("%Y-%m-%d %H:%M"), "load_before": load_average(), "rows": {}}
     if args.note:
