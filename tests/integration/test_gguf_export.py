@@ -226,10 +226,16 @@ def test_unsupported_architecture_is_one_line_and_writes_nothing(tokenizer, tmp_
     assert code == CONFIG and "--gguf_type 'q4' is unknown" in capsys.readouterr().err
 
 
+@pytest.fixture(scope="module")
+def bundled_f16(tmp_path_factory):
+    """The bundled SmolLM2 exported as f16 (~10 s), shared by the slow tests."""
+    return export("bundled", tmp_path_factory.mktemp("gguf-bundled") / "f16", "f16")
+
+
 @pytest.mark.slow
-def test_bundled_smollm2_exports_and_answers_the_same(tmp_path):
+def test_bundled_smollm2_exports_and_answers_the_same(bundled_f16):
     """The real SmolLM2 (49k-token BPE with 48,900 merges): f16 GGUF -> same ids, logits, greedy answer."""
-    out = export("bundled", tmp_path / "f16", "f16")
+    out = bundled_f16
     hf_model, hf_tok, _ = load_hf("bundled")
     model, tok = load_gguf(out), load_gguf_tokenizer(out)
     chat = Template.from_name("chat")
@@ -247,23 +253,78 @@ def test_bundled_smollm2_exports_and_answers_the_same(tmp_path):
     assert "Paris" in hf_tok.decode(answers[0])
 
 
-def test_llama_cpp_reads_the_same_ids_and_answers_greedily_the_same(full_run, tmp_path):
-    """llama.cpp itself (llama-cpp-python, the optional `gguf-runtime` extra) on the exported file."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+def llama_cpp_or_skip():
+    """tests/llama_cpp_runtime.py opened, or a skip naming why (`make setup` installs the `gguf-runtime` extra)."""
+    from tests import llama_cpp_runtime
+
+    try:
+        llama_cpp_runtime.load()
+    except llama_cpp_runtime.Unavailable as exc:
+        pytest.skip(f"llama.cpp runtime: {exc}")
+    return llama_cpp_runtime
+
+
+def infer_predictions(source, data_dir, tmp_path, max_new_tokens: int, *extra) -> list[str]:
+    """What `easysft infer` answers greedily (no repetition penalty) for the eval split, in row order."""
+    path = tmp_path / "predictions.jsonl"
+    assert main(["infer", "--model_name_or_path", str(source), "--data_path", str(data_dir), "--output_format",
+                 "jsonl", "--inference_output_path", str(path), "--do_sample", "false", "--repetition_penalty",
+                 "1.0", "--max_new_tokens", str(max_new_tokens), *extra]) == 0
+    return [json.loads(line)["prediction"] for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def llama_cpp_answers(runtime, gguf_file: Path, hf_tok, template, prompts, max_new_tokens: int) -> list[str]:
+    """llama.cpp on the exported file, the way a runtime serves it: the prompt rendered with the chat template
+    the FILE carries, tokenized by llama.cpp (asserted equal to easysft's ids), greedy, detokenized."""
+    answers = []
+    with runtime.LlamaCppModel(gguf_file) as llm:
+        for prompt in prompts:
+            messages = [{"role": "user", "content": prompt}]
+            text = hf_tok.apply_chat_template(messages, chat_template=llm.chat_template(), add_generation_prompt=True,
+                                              tokenize=False)
+            ids = llm.tokenize(text)
+            assert ids == template.prompt_ids(hf_tok, prompt), prompt
+            answers.append(llm.detokenize(llm.greedy(ids, max_new_tokens)))
+    return answers
+
+
+def test_llama_cpp_runs_the_export_like_easysft_infer_and_quantizes_alike(full_run, tmp_path):
+    """llama.cpp itself (llama-cpp-cffi, the `gguf-runtime` extra) on the tiny fine-tuned Llama: f32 file ->
+    same prompt ids and greedy answers as `easysft infer`, last-position logits within 1e-4 of the HF model's;
+    our f16 / q8_0 tensors are byte for byte what llama.cpp's own quantizer makes from our f32 file."""
+    import gguf
+    import numpy as np
+
+    runtime = llama_cpp_or_skip()
     out = export(full_run, tmp_path / "f32", "f32")
     hf_model, hf_tok, meta = load_hf(full_run)
     template = Template.from_name(meta["template"])
-    llm = llama_cpp.Llama(model_path=str(out / "model.gguf"), n_ctx=256, n_threads=2, verbose=False)
-    for text in eval_texts(template):
-        assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == hf_tok(text)["input_ids"]
-    for row in QA_ROWS[:3]:
-        ids = template.prompt_ids(hf_tok, row["prompt"])
-        with torch.no_grad():  # what `easysft infer --do_sample false --repetition_penalty 1` generates
-            want = hf_model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False,
-                                     repetition_penalty=1.0)[0, len(ids):].tolist()
-        got = []
-        for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
-            got.append(token)
-            if len(got) == len(want) or token == hf_tok.eos_token_id:
-                break
-        assert got == want[: len(got)] and len(got) == len(want)
+    data = Path(write_qa_folder(tmp_path / "data", eval_rows=QA_ROWS[:3]))
+    want = infer_predictions(full_run, data, tmp_path, 8)
+    assert llama_cpp_answers(runtime, out / "model.gguf", hf_tok, template, [r["prompt"] for r in QA_ROWS[:3]], 8) \
+        == want
+    with runtime.LlamaCppModel(out / "model.gguf") as llm, torch.no_grad():
+        for text in eval_texts(template):
+            ids = hf_tok(text)["input_ids"]
+            got = llm.prompt_logits(ids)
+            assert np.abs(got - hf_model(torch.tensor([ids])).logits[0, -1].numpy()).max() < 1e-4
+    for kind, ftype in (("f16", 1), ("q8_0", 7)):  # llama_ftype: MOSTLY_F16, MOSTLY_Q8_0
+        ours = export(full_run, tmp_path / kind, kind) / "model.gguf"
+        theirs = runtime.quantize(out / "model.gguf", tmp_path / f"llama-quantize-{kind}.gguf", ftype)
+        ours_t, theirs_t = gguf.GGUFReader(ours).tensors, gguf.GGUFReader(theirs).tensors
+        assert [(t.name, t.tensor_type) for t in ours_t] == [(t.name, t.tensor_type) for t in theirs_t]
+        assert all(np.array_equal(a.data, b.data) for a, b in zip(ours_t, theirs_t, strict=True)), kind
+
+
+@pytest.mark.slow
+def test_llama_cpp_answers_like_easysft_infer_on_the_bundled_f16_export(bundled_f16, tmp_path):
+    """The real SmolLM2 exported as f16 (the default --gguf_type) in llama.cpp: the same greedy answers as
+    `easysft infer` on the HF checkpoint for 3 chat prompts."""
+    runtime = llama_cpp_or_skip()
+    prompts = ["What is the capital of France?", "Name a primary colour.", "What is 2 + 2?"]
+    data = Path(write_qa_folder(tmp_path / "data", eval_rows=[{"prompt": p, "answer": ""} for p in prompts]))
+    want = infer_predictions("bundled", data, tmp_path, 16, "--template", "chat")
+    _, hf_tok, _ = load_hf("bundled")
+    got = llama_cpp_answers(runtime, bundled_f16 / "model.gguf", hf_tok, Template.from_name("chat"), prompts, 16)
+    assert got == want
+    assert "Paris" in got[0]
