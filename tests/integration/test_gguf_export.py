@@ -7,6 +7,7 @@ runs in-process through ``easysft.cli.main``.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -244,9 +245,19 @@ def test_bundled_smollm2_exports_and_answers_the_same(bundled_f16):
     assert tok.chat_template == hf_tok.chat_template
     texts = [row["prompt"] + " " + row["answer"] for row in QA_ROWS]
     assert [tok(t)["input_ids"] for t in texts] == [hf_tok(t)["input_ids"] for t in texts]
-    # f16 rounding through 30 layers: measured max |diff| 0.028 on logits up to ~18 (1e-2 holds on the tiny model).
-    for got, want in zip(batch_logits(model, tok, texts[:2]), batch_logits(hf_model, hf_tok, texts[:2]), strict=True):
-        assert (got - want).abs().max() < 5e-2
+    # The gap to the HF model is the f16 rounding of the weights and nothing else: the same HF model with its 2-D
+    # weights rounded to f16 (computed in f32) gives the GGUF's logits within 1e-4. That rounding alone moves these
+    # logits (|logit| up to ~35) by 0.028 and 0.044 at most (0.050 over all 8 QA texts; relative Frobenius error
+    # <= 9e-4), so no f16 file of this model can meet 1e-2; the tiny model does (test above).
+    rounded = copy.deepcopy(hf_model)
+    with torch.no_grad():
+        for weight in rounded.parameters():
+            if weight.ndim == 2:
+                weight.copy_(weight.half().float())
+    for got, want, same_weights in zip(batch_logits(model, tok, texts[:2]), batch_logits(hf_model, hf_tok, texts[:2]),
+                                       batch_logits(rounded, hf_tok, texts[:2]), strict=True):
+        assert (got - same_weights).abs().max() < 1e-4
+        assert (got - want).abs().max() < 5e-2 and (got - want).norm() / want.norm() < 1.5e-3
     ids = torch.tensor([chat.prompt_ids(hf_tok, prompts[-1])])
     answers = [m.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:] for m in (model, hf_model)]
     assert answers[0].tolist() == answers[1].tolist()
@@ -311,9 +322,9 @@ def test_llama_cpp_runs_the_export_like_easysft_infer_and_quantizes_alike(full_r
     for kind, ftype in (("f16", 1), ("q8_0", 7)):  # llama_ftype: MOSTLY_F16, MOSTLY_Q8_0
         ours = export(full_run, tmp_path / kind, kind) / "model.gguf"
         theirs = runtime.quantize(out / "model.gguf", tmp_path / f"llama-quantize-{kind}.gguf", ftype)
-        ours_t, theirs_t = gguf.GGUFReader(ours).tensors, gguf.GGUFReader(theirs).tensors
-        assert [(t.name, t.tensor_type) for t in ours_t] == [(t.name, t.tensor_type) for t in theirs_t]
-        assert all(np.array_equal(a.data, b.data) for a, b in zip(ours_t, theirs_t, strict=True)), kind
+        ours_t, theirs_t = ({t.name: t for t in gguf.GGUFReader(path).tensors} for path in (ours, theirs))
+        assert {n: t.tensor_type for n, t in ours_t.items()} == {n: t.tensor_type for n, t in theirs_t.items()}
+        assert all(np.array_equal(t.data, theirs_t[n].data) for n, t in ours_t.items()), kind
 
 
 @pytest.mark.slow
