@@ -1,8 +1,9 @@
 """GGUF export round trips (issue 16): easysft export --format gguf -> transformers' GGUF loader -> same model.
 
 Tiny models (2-layer Llama fine-tuned 2 steps with the real SmolLM2 tokenizer, a merged LoRA run, tiny Qwen2 and
-Qwen3 built from configs) carry the numeric checks; one slow test exports the real bundled SmolLM2. Every export
-runs in-process through ``easysft.cli.main``.
+Qwen3 built from configs) carry the numeric checks; two slow tests share one f16 export of the real bundled
+SmolLM2. llama.cpp itself (tests/llama_cpp_runtime.py, skipped when llama-cpp-cffi is missing) runs the files and
+is compared with `easysft infer`. Every export runs in-process through ``easysft.cli.main``.
 """
 
 from __future__ import annotations
