@@ -336,7 +336,9 @@ def test_llama_cpp_answers_like_easysft_infer_on_the_bundled_f16_export(bundled_
     prompts = ["What is the capital of France?", "Name a primary colour.", "What is 2 + 2?"]
     data = Path(write_qa_folder(tmp_path / "data", eval_rows=[{"prompt": p, "answer": ""} for p in prompts]))
     want = infer_predictions("bundled", data, tmp_path, 16, "--template", "chat")
-    _, hf_tok, _ = load_hf("bundled")
+    from easysft.models.load import load_tokenizer, resolve_model_path
+
+    hf_tok = load_tokenizer(resolve_model_path("bundled").tokenizer_path)
     got = llama_cpp_answers(runtime, bundled_f16 / "model.gguf", hf_tok, Template.from_name("chat"), prompts, 16)
     assert got == want
     assert "Paris" in got[0]
