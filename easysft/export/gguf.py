@@ -88,6 +88,8 @@ def _head_dim(config) -> int:
 
 def write_hparams(writer, config, file_type: int) -> None:
     """The ``{arch}.*`` keys a runtime builds the graph from."""
+    import gguf
+
     head_dim = _head_dim(config)
     writer.add_context_length(int(config.max_position_embeddings))
     writer.add_embedding_length(int(config.hidden_size))
@@ -102,6 +104,7 @@ def write_hparams(writer, config, file_type: int) -> None:
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(int(config.vocab_size))
     writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)  # as llama.cpp's own converter and quantizer write
 
 
 def _tensor_kind(gguf_type: str):
