@@ -91,3 +91,13 @@ def qa_data_dir(tmp_path):
 def _isolated_cache(tmp_path, monkeypatch):
     """Tokenized-data caches go to a per-test folder; the model cache (bundled checkpoint) stays shared."""
     monkeypatch.setenv("EASYSFT_DATA_CACHE", str(tmp_path / "data-cache"))
+
+
+@pytest.fixture(scope="session")
+def launched(request, tmp_path_factory, tiny_model_dir):
+    """The 2-process runs every selected distributed test module declares (its ``add_runs``), trained together in
+    one torchrun and one deepspeed job (tests/distributed/launches.py); returns the plan (``.folder(name)``)."""
+    from tests.distributed.launches import launch_all
+
+    modules = [item.module for item in request.session.items if getattr(item, "module", None) is not None]
+    return launch_all(modules, tmp_path_factory.mktemp("launched"), tiny_model_dir)

@@ -62,11 +62,11 @@ def run(cmd: list[str], env: dict[str, str], timeout_s: float = 900) -> Finished
     return Finished(proc.returncode, proc.stdout, time.time())
 
 
-def run_many(launcher: list[str], runs: list[list[str]], workdir: Path, env: dict[str, str]) -> Finished:
+def run_many(launcher: list[str], runs: list, workdir: Path, env: dict[str, str], timeout_s: float = 900) -> Finished:
     """Run several ``easysft train`` argument lists one after another in ONE launch (see driver.py)."""
     runs_file = workdir / f"runs-{len(list(workdir.glob('runs-*.json')))}.json"
     runs_file.write_text(json.dumps(runs), encoding="utf-8")
-    finished = run([*launcher, str(DRIVER), str(runs_file)], env)
+    finished = run([*launcher, str(DRIVER), str(runs_file)], env, timeout_s)
     assert finished.returncode == 0, finished.output[-6000:]
     return finished
 

@@ -7,9 +7,10 @@
 ``runs.json`` is a list of argument lists for ``easysft train``; an entry may instead be
 ``{"argv": [...], "env": {"NAME": "value"}, "expect": 75}``: environment variables set for that run only (e.g. a
 testing hook) and the exit code it must end with (default 0). Starting 2 Python processes with torch,
-transformers and DeepSpeed costs far more than a 10-step run of a tiny model on 2 cores, so the parity tests
-start each launcher once and train every configuration in it, through the same ``easysft.cli.main`` a user's
-command line reaches (the process group is created by the first run and reused by the next ones).
+transformers and DeepSpeed costs far more than a 10-step run of a tiny model on 2 cores, so the distributed tests
+start each launcher once and train every configuration in it (tests/distributed/launches.py), through the same
+``easysft.cli.main`` a user's command line reaches (the process group is created by the first run and reused by
+the next ones). ``run_all`` is also called in the test process itself for the single-process references.
 """
 
 from __future__ import annotations
@@ -19,11 +20,8 @@ import os
 import sys
 
 
-def main() -> int:
-    # The deepspeed launcher adds --local_rank=N (LOCAL_RANK is in the environment too); the rest is ours.
-    args = [a for a in sys.argv[1:] if not a.startswith(("--local_rank", "--local-rank"))]
-    with open(args[0], encoding="utf-8") as handle:
-        runs = json.load(handle)
+def run_all(runs: list) -> int:
+    """Run each entry in order; 0 when all ended as expected, else the first unexpected exit code (or 1)."""
     from easysft.cli import main as easysft_main
 
     for run in runs:
@@ -43,6 +41,13 @@ def main() -> int:
             print(f"driver: run {spec['argv']} exited {code}, expected {spec.get('expect', 0)}", file=sys.stderr)
             return code or 1
     return 0
+
+
+def main() -> int:
+    # The deepspeed launcher adds --local_rank=N (LOCAL_RANK is in the environment too); the rest is ours.
+    args = [a for a in sys.argv[1:] if not a.startswith(("--local_rank", "--local-rank"))]
+    with open(args[0], encoding="utf-8") as handle:
+        return run_all(json.load(handle))
 
 
 if __name__ == "__main__":

@@ -9,28 +9,18 @@ The training rows are crafted so that, in every micro-batch of the first epoch, 
 rank 1 two SHORT ones: per-rank token counts differ several-fold, so any per-rank (instead of global) loss
 normalisation would show. A second configuration uses gradient accumulation 2.
 
-Cost: each launcher starts once and trains all its configurations (tests/distributed/driver.py).
+Cost: these runs join the other distributed tests' runs in one torchrun and one deepspeed job
+(tests/distributed/launches.py); the 1-process references train in the test process.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
-from dist_launch import (
-    deepspeed_cmd,
-    launch_env,
-    load_weights,
-    max_weight_diff,
-    read_final_eval,
-    read_grad_norms,
-    read_losses,
-    run_many,
-    torchrun_cmd,
-)
+from dist_launch import load_weights, max_weight_diff, read_final_eval, read_grad_norms, read_losses
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(1800)]  # the shared launches (launches.py)
 
 SEED = 4321
 NUM_ROWS = 40  # 10 global micro-batches of 4: 10 steps are exactly one epoch at accumulation 1
@@ -75,30 +65,34 @@ def train_args(data_dir: str, model_dir: str, output_dir: str, micro_batch: int,
             "--per_device_eval_batch_size", "2"]
 
 
-@pytest.fixture(scope="module")
-def parity(tmp_path_factory, tiny_model_dir):
-    """Train every configuration once; returns {(name, gas): output_dir}."""
+def run_name(name: str, gas: int) -> str:
+    return f"{name}-gas{gas}"
+
+
+def configurations() -> list[tuple[str, int]]:
+    """(name, gas) of every run; "single" is the 1-process reference."""
+    return [(name, gas) for name in ("single", *ENGINES)
+            for gas in ((1, 2) if name in GAS2_ENGINES or name == "single" else (1,))]
+
+
+def add_runs(plan) -> None:
+    """Every configuration, for the shared launches (tests/distributed/launches.py)."""
     from conftest import write_qa_folder
 
-    work = tmp_path_factory.mktemp("parity")
+    work = plan.folder("parity")
     data_dir = write_qa_folder(work / "data", uneven_rows())
-    env = launch_env(work / "data-cache")
-    outputs: dict[tuple[str, int], str] = {}
+    for name, gas in configurations():
+        launcher, flags = ENGINES.get(name, ("single", ["--engine", "single"]))
+        micro_batch = 4 if name == "single" else 2
+        plan.add(launcher, train_args(data_dir, plan.model_dir, str(work / run_name(name, gas)), micro_batch, gas)
+                 + flags)
 
-    def runs_for(names, micro_batch):
-        runs = []
-        for name in names:
-            for gas in (1, 2) if name in GAS2_ENGINES or name == "single" else (1,):
-                out = str(work / f"{name}-gas{gas}")
-                outputs[(name, gas)] = out
-                flags = ENGINES[name][1] if name in ENGINES else ["--engine", "single"]
-                runs.append(train_args(data_dir, tiny_model_dir, out, micro_batch, gas) + flags)
-        return runs
 
-    run_many([sys.executable], runs_for(["single"], 4), work, env)
-    run_many(torchrun_cmd(2), runs_for(["ddp", "fsdp"], 2), work, env)
-    run_many(deepspeed_cmd(2), runs_for(["zero0", "zero1", "zero2", "zero3"], 2), work, env)
-    return outputs
+@pytest.fixture(scope="module")
+def parity(launched):
+    """{(name, gas): output_dir} of the runs trained by the shared launches."""
+    work = launched.folder("parity")
+    return {(name, gas): str(work / run_name(name, gas)) for name, gas in configurations()}
 
 
 def test_rows_give_ranks_very_different_token_counts(tmp_path, tokenizer):

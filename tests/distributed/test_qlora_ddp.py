@@ -1,31 +1,35 @@
 """QLoRA under DDP (issue 18): 2 torchrun CPU processes, each with its own bitsandbytes 4-bit base, train LoRA
-adapters with the 4-bit AdamW (torchao) and end with the adapter a single process trains on the same samples."""
+adapters with the 8-bit AdamW (torchao) and end with the adapter a single process trains on the same samples.
+
+Cost: both runs join the other distributed tests' runs (the reference in the test process, the DDP run in the
+shared torchrun job: tests/distributed/launches.py)."""
 
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.distributed.dist_launch import launch_env, read_losses, run, run_many, torchrun_cmd
+from tests.distributed.dist_launch import read_losses
 
-pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(1500)]  # 3 processes; slow when shared
+pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(1800)]  # shared launches
 
 
-def test_qlora_ddp_matches_one_process(tiny_model_dir, qa_data_dir, tmp_path):
-    common = ["--model_name_or_path", tiny_model_dir, "--data_path", qa_data_dir, "--max_steps", "3",
-              "--learning_rate", "1e-3", "--lr_scheduler_type", "constant", "--lora_dim", "4",
+def add_runs(plan) -> None:
+    from conftest import write_qa_folder
+
+    work = plan.folder("qlora")
+    common = ["--model_name_or_path", plan.model_dir, "--data_path", write_qa_folder(work / "data"),
+              "--max_steps", "3", "--learning_rate", "1e-3", "--lr_scheduler_type", "constant", "--lora_dim", "4",
               "--quantization", "4bit", "--optim", "adamw_8bit", "--tensorboard", "false", "--seed", "5"]
-    env = launch_env(tmp_path / "cache")
-    single, ddp = tmp_path / "single", tmp_path / "ddp"
-    finished = run([sys.executable, "-m", "easysft", "train", *common, "--per_device_train_batch_size", "4",
-                    "--output_dir", str(single)], env)
-    assert finished.returncode == 0, finished.output[-4000:]
-    run_many(torchrun_cmd(2), [[*common, "--per_device_train_batch_size", "2", "--output_dir", str(ddp)]],
-             tmp_path, env)
+    plan.add("single", [*common, "--per_device_train_batch_size", "4", "--output_dir", str(work / "single")])
+    plan.add("torchrun", [*common, "--per_device_train_batch_size", "2", "--output_dir", str(work / "ddp")])
+
+
+def test_qlora_ddp_matches_one_process(launched):
+    single, ddp = launched.folder("qlora") / "single", launched.folder("qlora") / "ddp"
     assert json.loads((ddp / "train_config.json").read_text())["engine"] == "ddp"
     assert read_losses(ddp) == pytest.approx(read_losses(single), rel=1e-4)  # measured: 2e-6
     a = load_file(str(single / "adapter_model.safetensors"))

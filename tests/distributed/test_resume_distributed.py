@@ -7,24 +7,16 @@ it writes a complete checkpoint and exits 75. 8 rows, micro-batch 2 on 2 ranks -
 after step 3 resumes MID-epoch (epoch 1, micro-batch 1), and the run then crosses an epoch boundary. LR warmup +
 cosine, weight decay and clipping are on, so the optimizer AND scheduler states must come back.
 
-Cost: one torchrun launch (DDP, FSDP2) and one deepspeed launch (ZeRO-2, ZeRO-3), each running its 3 command
-lines per engine (full, stopped, resumed) through tests/distributed/driver.py.
+Cost: the 3 command lines per engine (full, stopped, resumed) join the other distributed tests' runs in one
+torchrun job (DDP, FSDP2) and one deepspeed job (ZeRO-2, ZeRO-3): tests/distributed/launches.py.
 """
 
 from __future__ import annotations
 
 import pytest
-from dist_launch import (
-    deepspeed_cmd,
-    launch_env,
-    load_weights,
-    max_weight_diff,
-    read_losses,
-    run_many,
-    torchrun_cmd,
-)
+from dist_launch import load_weights, max_weight_diff, read_losses
 
-pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(1800)]  # shared launches
 
 STEPS = 6
 STOP_AFTER = 3
@@ -47,28 +39,25 @@ def train_args(data_dir: str, model_dir: str, output_dir: str) -> list[str]:
             "--save_steps", "2", "--per_device_eval_batch_size", "2"]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_model_dir):
-    """{engine: (uninterrupted output_dir, stopped-and-resumed output_dir)}."""
+def add_runs(plan) -> None:
+    """Per engine: uninterrupted, stopped after step 3, resumed -- for the shared launches (launches.py)."""
     from conftest import write_qa_folder
 
-    work = tmp_path_factory.mktemp("resume-dist")
+    work = plan.folder("resume")
     qa_data_dir = write_qa_folder(work / "data")  # the 8-row QA set
-    env = launch_env(work / "data-cache")
-    outputs = {}
-    per_launcher: dict[str, list] = {"torchrun": [], "deepspeed": []}
     for name, (launcher, flags) in ENGINES.items():
         full, resumed = str(work / f"{name}-full"), str(work / f"{name}-resumed")
-        outputs[name] = (full, resumed)
-        per_launcher[launcher] += [
-            train_args(qa_data_dir, tiny_model_dir, full) + flags,
-            {"argv": train_args(qa_data_dir, tiny_model_dir, resumed) + flags,
-             "env": {"EASYSFT_STOP_AFTER_STEP": str(STOP_AFTER)}, "expect": 75},
-            train_args(qa_data_dir, tiny_model_dir, resumed) + flags + ["--resume"],
-        ]
-    run_many(torchrun_cmd(2), per_launcher["torchrun"], work, env)
-    run_many(deepspeed_cmd(2), per_launcher["deepspeed"], work, env)
-    return outputs
+        plan.add(launcher, train_args(qa_data_dir, plan.model_dir, full) + flags)
+        plan.add(launcher, train_args(qa_data_dir, plan.model_dir, resumed) + flags,
+                 env={"EASYSFT_STOP_AFTER_STEP": str(STOP_AFTER)}, expect=75)
+        plan.add(launcher, train_args(qa_data_dir, plan.model_dir, resumed) + flags + ["--resume"])
+
+
+@pytest.fixture(scope="module")
+def runs(launched):
+    """{engine: (uninterrupted output_dir, stopped-and-resumed output_dir)}."""
+    work = launched.folder("resume")
+    return {name: (str(work / f"{name}-full"), str(work / f"{name}-resumed")) for name in ENGINES}
 
 
 def saved_weights(output_dir: str) -> dict:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -116,16 +115,14 @@ def test_eval_uses_the_template_saved_with_the_model(tiny_model_dir, qa_data_dir
 
 @pytest.mark.slow
 def test_train_the_real_bundled_model_end_to_end(qa_data_dir, tmp_path):
-    """`easysft train` with no --model_name_or_path: the bundled SmolLM2-135M, a few steps, a loadable result."""
+    """`easysft train` with no --model_name_or_path: the bundled SmolLM2-135M, a few steps, a loadable result.
+    It runs in this process (a fresh interpreter would add ~10 s of imports): real `easysft train` processes on
+    the bundled model are test_memory_estimate_rss.py's, and the CLI's process start-up is tested here and in
+    test_bad_input.py / test_signals.py."""
     out = tmp_path / "out"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "easysft", "train", "--data_path", qa_data_dir, "--output_dir", str(out),
-         "--max_steps", "2", "--per_device_train_batch_size", "4", "--learning_rate", "1e-5", "--print_loss",
-         "--tensorboard", "false"],
-        capture_output=True, text=True, env=env, timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(["train", "--data_path", qa_data_dir, "--output_dir", str(out), "--max_steps", "2",
+                 "--per_device_train_batch_size", "4", "--learning_rate", "1e-5", "--print_loss",
+                 "--tensorboard", "false"]) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "eval_loss" in r]
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 2

@@ -22,22 +22,29 @@ def _rows(n, seed, tag):
              "answer": " ".join(rng.choice(words, rng.integers(1, 12)))} for _ in range(n)]
 
 
+def jsonl_source(folder) -> str:
+    """A 40-row JSONL file with a broken line, a blank line and an empty answer (also used by
+    tests/integration/test_data_mixing_train.py)."""
+    lines = [json.dumps(r) for r in _rows(40, 1, "jsonl")]
+    lines[5] = "{not json"
+    lines[9] = json.dumps({"prompt": "x", "answer": ""})
+    lines.insert(12, "")
+    jsonl = folder / "a.jsonl"
+    jsonl.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(jsonl)
+
+
 @pytest.fixture
 def sources(tmp_path):
     """A JSONL file (with a broken line, a blank line, an empty answer), a parquet file and a saved dataset."""
     from datasets import Dataset
 
-    lines = [json.dumps(r) for r in _rows(40, 1, "jsonl")]
-    lines[5] = "{not json"
-    lines[9] = json.dumps({"prompt": "x", "answer": ""})
-    lines.insert(12, "")
-    jsonl = tmp_path / "a.jsonl"
-    jsonl.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    jsonl = jsonl_source(tmp_path)
     parquet = tmp_path / "b.parquet"
     Dataset.from_list(_rows(30, 2, "parquet")).to_parquet(str(parquet))
     saved = tmp_path / "c"
     Dataset.from_list(_rows(25, 3, "saved")).save_to_disk(str(saved))
-    return [str(jsonl), str(parquet), str(saved)]
+    return [jsonl, str(parquet), str(saved)]
 
 
 def _entry(data, root):
@@ -211,22 +218,3 @@ def test_bad_mixing_and_num_proc_flags(tiny_model_dir, qa_data_dir, capsys):
         DataConfig(data_path=["a"], mixing="sometimes")
     with pytest.raises(ConfigError, match="--num_proc must be at least 1"):
         DataConfig(data_path=["a"], num_proc=0)
-
-
-def test_training_with_data_weights_prints_the_mix_and_draws_it(tiny_model_dir, qa_data_dir, sources, tmp_path,
-                                                                 capsys):
-    """A short CLI run: the start-up lines show the mix, and the steps hold the mixed epoch's sample count."""
-    from easysft.cli import main
-
-    out = tmp_path / "run"
-    argv = ["train", "--model_name_or_path", tiny_model_dir, "--data_path", qa_data_dir, sources[0],
-            "--data_weights", "1", "1", "--mixing", "upsample", "--output_dir", str(out),
-            "--per_device_train_batch_size", "16", "--max_ans_len", "16", "--tensorboard", "false"]
-    assert main(argv) == 0
-    assert "data mixing (upsample)" in capsys.readouterr().err  # start-up lines go to stderr
-    # qa folder: 8 train samples; the JSONL: 36 train samples after hold-out and skips -> upsample to 36 + 36.
-    report = json.loads((out / "data_report.json").read_text(encoding="utf-8"))
-    drawn = [s["drawn_per_epoch"] for s in report["mixing"]["sources"]]
-    assert drawn[0] == drawn[1] == max(s["kept"] for s in report["mixing"]["sources"])
-    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert max(m["step"] for m in steps if "loss" in m) == -(-sum(drawn) // 16)  # one epoch of the mix
