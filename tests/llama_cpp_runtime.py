@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 PACKAGE = "llama-cpp-cffi"
-VERSION = "0.4.42"  # pinned in pyproject's `gguf-runtime` extra and the Makefile
+VERSION = "0.4.42"  # pinned in the Makefile's setup (pip --no-deps)
 REQUIRED = ("llama_model_load_from_file", "llama_init_from_model", "llama_model_get_vocab", "llama_tokenize",
             "llama_batch_get_one", "llama_decode", "llama_get_logits_ith", "llama_vocab_is_eog",
             "llama_vocab_n_tokens", "llama_detokenize", "llama_kv_self_clear", "llama_free", "llama_model_free",

@@ -266,7 +266,7 @@ def test_bundled_smollm2_exports_and_answers_the_same(bundled_f16):
 
 
 def llama_cpp_or_skip():
-    """tests/llama_cpp_runtime.py opened, or a skip naming why (`make setup` installs the `gguf-runtime` extra)."""
+    """tests/llama_cpp_runtime.py opened, or a skip naming why (`make setup` installs llama-cpp-cffi with --no-deps)."""
     from tests import llama_cpp_runtime
 
     try:
@@ -301,7 +301,7 @@ def llama_cpp_answers(runtime, gguf_file: Path, hf_tok, template, prompts, max_n
 
 
 def test_llama_cpp_runs_the_export_like_easysft_infer_and_quantizes_alike(full_run, tmp_path):
-    """llama.cpp itself (llama-cpp-cffi, the `gguf-runtime` extra) on the tiny fine-tuned Llama: f32 file ->
+    """llama.cpp itself (llama-cpp-cffi, installed by `make setup`) on the tiny fine-tuned Llama: f32 file ->
     same prompt ids and greedy answers as `easysft infer`, last-position logits within 1e-4 of the HF model's;
     our f16 / q8_0 tensors are byte for byte what llama.cpp's own quantizer makes from our f32 file."""
     import gguf
