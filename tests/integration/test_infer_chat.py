@@ -17,6 +17,7 @@ import torch
 
 from easysft.cli import main
 from easysft.config import GenerateConfig
+from tests.distributed.dist_launch import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 GREEDY = ["--do_sample", "false", "--max_new_tokens", "4"]
@@ -238,7 +239,7 @@ def test_data_parallel_under_torchrun_matches_one_process(tmp_path, tiny_model_d
     multi = str(tmp_path / "multi.csv")
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
          "-m", "easysft", "infer", *common, "--inference_output_path", multi],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
