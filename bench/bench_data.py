@@ -200,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = redo - set(PARTS)
     if unknown:
         parser.error(f"--redo: unknown part(s) {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
-    if redo and not args.work:
-        parser.error("--redo needs the --work folder of the earlier run")
+    if redo and not (args.work and (Path(args.work) / "tiny-llama").is_dir()):
+        parser.error("--redo needs --work: the folder of an earlier full run (with its row files and tiny-llama)")
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-data-"))
     work.mkdir(parents=True, exist_ok=True)
     if redo:
