@@ -219,7 +219,7 @@ def easysft_worker(work: Path, model_dir: str, job: Job, device: str, variant: s
     flags = ["train", "--model_name_or_path", model_dir, "--data_path", str(work / "data"), "--output_dir", str(out),
              "--overwrite_output_dir", "--per_device_train_batch_size", str(job.batch), "--max_steps", str(job.steps),
              "--learning_rate", str(job.learning_rate), "--seed", str(SEED), "--max_prompt_len",
-             str(job.max_prompt_len), "--max_ans_len", str(job.max_ans_len), "--dtype", _dtype(device),
+             str(job.max_prompt_len), "--max_ans_len", str(job.max_ans_len),
              "--tensorboard", "false", "--print_loss"]
     if variant == "easysft-gc":
         flags.append("--gradient_checkpointing")
@@ -230,11 +230,6 @@ def easysft_worker(work: Path, model_dir: str, job: Job, device: str, variant: s
     steps = [r for r in records if "loss" in r and "tokens_per_s" in r]
     return {"step_seconds": [r["total_tokens"] / r["tokens_per_s"] for r in steps],
             "step_tokens": [r["total_tokens"] for r in steps], "loss": steps[-1]["loss"] if steps else float("nan")}
-
-
-def _dtype(device: str) -> str:
-    """bf16 autocast on CUDA (the job); fp32 for a CPU smoke run (bf16 matmuls crawl on CPUs without AMX)."""
-    return "bf16" if device == "cuda" else "fp32"
 
 
 def worker_main(args: argparse.Namespace) -> int:

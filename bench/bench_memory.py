@@ -7,9 +7,10 @@ The CPU smoke leaves 8-bit AdamW on the full model out: with bitsandbytes' CPU o
 parameters did not finish within 4 minutes on the shared development machine (a micro-test measured ~1 s per
 300 k parameters per step there); its saving is the same arithmetic as on GPU (8 -> ~2 bytes per parameter).
 
-Each run is its own ``easysft train`` process started through this module's ``--child`` entry, which runs the
-CLI and then writes the process's peaks as JSON: on CUDA ``torch.cuda.max_memory_allocated`` (what the estimate
-predicts, the CUDA context excluded) and the reserved peak; on CPU the process's resident high-water mark since exec (``VmHWM``). The estimate is
+Each run is its own ``easysft train`` process started through bench/high_water.py, which runs the CLI and then
+writes the process's peaks as JSON: on CUDA ``torch.cuda.max_memory_allocated`` (what the estimate predicts, the
+CUDA context excluded) and the reserved peak; on CPU the process's resident high-water mark since exec
+(``VmHWM``). The estimate is
 the ``memory estimate per device`` line the run printed before loading its weights. tokens/s leaves out step 1
 (optimizer state allocation, warm-up).
 
@@ -34,8 +35,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.high_water import rss_high_water
-
 RESULTS = Path(__file__).resolve().parent / "results"
 ESTIMATE = re.compile(r"memory estimate per device \((\w+)\): ([0-9.]+) GiB peak")
 
@@ -53,8 +52,10 @@ SMOLLM_17B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24
                   num_key_value_heads=32, vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True)
 PACKED_4096 = ["--packing", "true", "--packing_max_tokens", "4096", "--max_prompt_len", "1024", "--dtype", "bf16"]
 GPU_MODES = {
-    "8B qlora 4bit r=16 all-linear, ckpt": ("llama-8b", [*PACKED_4096, "--lora_dim", "16", "--quantization", "4bit",
-                                                        "--gradient_checkpointing", "true", "--learning_rate", "2e-4"]),
+    # QLoRA's recipe: NF4 with double-quantized scales (~0.4 bit per weight less than plain NF4).
+    "8B qlora 4bit+dq r=16 all-linear, ckpt": ("llama-8b", [*PACKED_4096, "--lora_dim", "16", "--quantization", "4bit",
+                                                           "--double_quant", "true", "--gradient_checkpointing", "true",
+                                                           "--learning_rate", "2e-4"]),
     "1.7B full, adamw": ("smollm-1.7b", [*PACKED_4096, "--learning_rate", "2e-5"]),
     "1.7B full, adamw_8bit": ("smollm-1.7b", [*PACKED_4096, "--learning_rate", "2e-5", "--optim", "adamw_8bit"]),
 }
@@ -102,7 +103,7 @@ def run_one(label: str, model: str, data_dir: Path, out_dir: Path, steps: int, e
             batch_size: int = 8) -> dict:
     """One ``easysft train`` process; its estimate line, measured peaks, tokens/s and last loss."""
     peaks_file = out_dir.parent / f".{out_dir.name}-peaks.json"
-    cmd = [sys.executable, "-m", "bench.bench_memory", "--child", str(peaks_file), "--", "train",
+    cmd = [sys.executable, "-m", "bench.high_water", str(peaks_file), "train",
            "--model_name_or_path", model, "--data_path", str(data_dir), "--output_dir", str(out_dir),
            "--per_device_train_batch_size", str(batch_size), "--max_steps", str(steps), "--lr_scheduler_type",
            "constant", "--tensorboard", "false", "--seed", "1234", *extra]
@@ -144,25 +145,7 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def child(peaks_file: str, argv: list[str]) -> None:
-    """Run the easysft CLI in this process, then record its peaks (see the module docstring)."""
-    from easysft.cli import main as cli_main
-
-    code = cli_main(argv)
-    peaks = {}
-    import torch
-
-    if torch.cuda.is_available():
-        peaks = {"cuda_max_allocated": torch.cuda.max_memory_allocated(),
-                 "cuda_max_reserved": torch.cuda.max_memory_reserved()}
-    peaks["rss_high_water"] = rss_high_water()
-    Path(peaks_file).write_text(json.dumps(peaks))
-    raise SystemExit(code)
-
-
 def main() -> None:
-    if len(sys.argv) > 2 and sys.argv[1] == "--child":
-        return child(sys.argv[2], sys.argv[4:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="CPU: the bundled model, a few steps.")
     parser.add_argument("--gpu", action="store_true", help="CUDA: the issue's 8B QLoRA and 1.7B 8-bit AdamW runs.")

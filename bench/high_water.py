@@ -1,8 +1,10 @@
-"""Run the easysft CLI in this process and record the process's resident high-water mark.
+"""Run the easysft CLI in this process and record the process's peak memory.
 
     python -m bench.high_water PEAKS.json train --model_name_or_path ...
 
-Writes ``{"rss_high_water": bytes}`` to ``PEAKS.json`` when the process exits (whatever the exit code). Why not
+Writes ``{"rss_high_water": bytes}`` to ``PEAKS.json`` when the process exits (whatever the exit code), and on a
+CUDA machine ``cuda_max_allocated`` / ``cuda_max_reserved`` (torch's allocator peaks: what easysft's memory
+estimate predicts, the CUDA context excluded). Why not
 ``ru_maxrss`` from ``wait4``: that high-water mark survives exec, so a child forked from a parent that is larger at
 that moment (a benchmark that has just hashed a cache, a pytest process that loaded models) reports the parent's
 size. ``VmHWM`` counts from the exec, so it is this process's own peak. Forked workers (``--num_proc``) are separate
@@ -28,13 +30,21 @@ def rss_high_water() -> int:
     return 0
 
 
+def cuda_peaks() -> dict:
+    """torch's CUDA allocator peaks of this process, when it used CUDA (never imports torch itself)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    return {"cuda_max_allocated": torch.cuda.max_memory_allocated(), "cuda_max_reserved": torch.cuda.max_memory_reserved()}
+
+
 def main() -> None:
     peaks_file, argv = sys.argv[1], sys.argv[2:]
     owner = os.getpid()
 
     def record() -> None:
         if os.getpid() == owner:  # not in a forked worker that happens to exit through atexit
-            Path(peaks_file).write_text(json.dumps({"rss_high_water": rss_high_water()}))
+            Path(peaks_file).write_text(json.dumps({"rss_high_water": rss_high_water(), **cuda_peaks()}))
 
     atexit.register(record)
     sys.argv = ["easysft", *argv]

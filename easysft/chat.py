@@ -120,6 +120,7 @@ def run_chat(model_cfg, chat_cfg, given: dict) -> int:
     import torch
     from transformers.utils import logging as hf_logging
 
+    from easysft.dtypes import dtype_for_device
     from easysft.models.load import load_model, load_tokenizer, resolve_model_path
     from easysft.models.meta import resolve_settings
 
@@ -127,11 +128,10 @@ def run_chat(model_cfg, chat_cfg, given: dict) -> int:
     resolved = resolve_model_path(model_cfg.model_name_or_path)
     tokenizer = load_tokenizer(resolved.tokenizer_path, trust_remote_code=model_cfg.trust_remote_code)
     settings = resolve_settings(resolved.meta, tokenizer, given)
-    model = load_model(resolved.path, dtype=chat_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code,
-                       adapter_path=resolved.adapter_path)
-    model.eval()
-    if torch.cuda.is_available():
-        model.to("cuda")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(resolved.path, dtype=dtype_for_device(chat_cfg.dtype, device),
+                       trust_remote_code=model_cfg.trust_remote_code, adapter_path=resolved.adapter_path)
+    model.eval().to(device)
     torch.manual_seed(chat_cfg.seed)
     session = ChatSession(model, tokenizer, settings, system=chat_cfg.system)
     if chat_cfg.prompt is None:

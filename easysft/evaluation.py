@@ -11,7 +11,8 @@ import torch
 from easysft.data.batching import materialise
 from easysft.data.collate import collate
 from easysft.data.samples import sample_lengths
-from easysft.distributed import all_reduce_sum
+from easysft.distributed import DistInfo, all_reduce_sum
+from easysft.dtypes import dtype_for_device
 from easysft.loss import supervised_loss_sum
 
 
@@ -99,7 +100,8 @@ def evaluate_saved_model(model_cfg, data_cfg_values: dict, eval_cfg) -> EvalResu
     if not samples:
         raise DataError(f"--data_path {', '.join(data_cfg.data_path)}: the {eval_cfg.split} split has no sample to "
                         "evaluate; add rows to it (or pick another --split).")
-    model = load_model(resolved.path, dtype=eval_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code,
-                       adapter_path=resolved.adapter_path)
-    return evaluate(model, samples, batch_size=eval_cfg.per_device_eval_batch_size,
-                    pad_token_id=tokenizer.pad_token_id, progress=True)
+    device = DistInfo.from_env().device  # the GPU when there is one
+    model = load_model(resolved.path, dtype=dtype_for_device(eval_cfg.dtype, device),
+                       trust_remote_code=model_cfg.trust_remote_code, adapter_path=resolved.adapter_path)
+    return evaluate(model.to(device), samples, batch_size=eval_cfg.per_device_eval_batch_size,
+                    pad_token_id=tokenizer.pad_token_id, device=device, progress=True)

@@ -68,7 +68,7 @@ def run_inference(model_cfg: ModelConfig, data_cfg: DataConfig, infer_cfg: Infer
 
     from easysft import generate as G
     from easysft.distributed import DistInfo, init_process_group
-    from easysft.dtypes import torch_dtype
+    from easysft.dtypes import dtype_for_device, torch_dtype
     from easysft.models.load import load_model, load_tokenizer, resolve_model_path
 
     if not data_cfg.data_path:
@@ -107,6 +107,7 @@ def run_inference(model_cfg: ModelConfig, data_cfg: DataConfig, infer_cfg: Infer
         return G.Progress(total=num_prompts, enabled=dist.is_main)
 
     torch.manual_seed(infer_cfg.seed)
+    dtype = dtype_for_device(infer_cfg.dtype, dist.device)  # --dtype auto: bf16 on a bf16 GPU, else fp32
     if infer_cfg.backend == "vllm":
         G.require_vllm()
         if dist.is_distributed:
@@ -115,11 +116,11 @@ def run_inference(model_cfg: ModelConfig, data_cfg: DataConfig, infer_cfg: Infer
         stop_ids = [tokenizer.eos_token_id]
         generated = G.generate_ids_vllm(resolved.path, resolved.tokenizer_path, resolved.adapter_path, prompts,
                                         settings.generation, max_new_tokens=settings.max_new_tokens,
-                                        seed=infer_cfg.seed, dtype=infer_cfg.dtype, stop_ids=stop_ids)
+                                        seed=infer_cfg.seed, dtype=dtype, stop_ids=stop_ids)
         progress = start_progress(len(prompts))
         progress(len(prompts), sum(len(ids) for ids in generated))
     else:
-        model = load_model(resolved.path, dtype=infer_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code,
+        model = load_model(resolved.path, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code,
                            adapter_path=resolved.adapter_path)
         model.eval()
         use_tp = infer_cfg.tensor_parallel and dist.is_distributed and dist.device.type == "cuda"
@@ -127,7 +128,7 @@ def run_inference(model_cfg: ModelConfig, data_cfg: DataConfig, infer_cfg: Infer
             print("easysft: --tensor_parallel needs several CUDA processes; sharding prompts (data parallel) "
                   "instead.", file=sys.stderr)
         if use_tp:
-            model = G.apply_tensor_parallel(model, dist.world_size, torch_dtype(infer_cfg.dtype))
+            model = G.apply_tensor_parallel(model, dist.world_size, torch_dtype(dtype))
             progress = start_progress(len(prompts))
             generated = G.generate_ids(model, tokenizer, prompts, settings.generation,
                                        max_new_tokens=settings.max_new_tokens,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from easysft.config.fields import _help
-from easysft.dtypes import DTYPES
+from easysft.dtypes import DTYPE_CHOICES
 from easysft.errors import ConfigError
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -26,7 +26,8 @@ class DashboardConfig:
     auth_token: str | None = field(default=None, metadata=_help(
         "Token every request must carry (?token=T once, then a cookie; or 'Authorization: Bearer T'). Required "
         "off localhost: when not given there, a random one is generated and printed at start-up."))
-    dtype: str = field(default="fp32", metadata=_help("dtype of the model loaded for chat: fp32, bf16 or fp16."))
+    dtype: str = field(default="auto", metadata=_help(
+        "dtype of the model loaded for chat: auto (bf16 on a CUDA GPU with bf16, fp32 on CPU), fp32, bf16 or fp16."))
 
     def __post_init__(self) -> None:
         if isinstance(self.runs, str):
@@ -37,8 +38,8 @@ class DashboardConfig:
             raise ConfigError(f"--port must be in 0..65535, got {self.port}.")
         if self.auth_token is not None and len(self.auth_token) < 8:
             raise ConfigError("--auth_token must be at least 8 characters long.")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"--dtype {self.dtype!r} is unknown; choose one of: {', '.join(DTYPES)}.")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ConfigError(f"--dtype {self.dtype!r} is unknown; choose one of: {', '.join(DTYPE_CHOICES)}.")
 
     @property
     def is_local(self) -> bool:

@@ -6,8 +6,10 @@ from dataclasses import dataclass, field
 
 from easysft.config.fields import BACKENDS, _help
 from easysft.config.values import normalise_fields
-from easysft.dtypes import DTYPES
+from easysft.dtypes import DTYPE_CHOICES, DTYPES
 from easysft.errors import ConfigError
+
+AUTO_DTYPE_HELP = "auto (bf16 on a CUDA GPU with bf16, Ampere or newer; fp32 on CPU), fp32, bf16 or fp16."
 
 EXPORT_FORMATS = ("hf", "gguf")
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
@@ -105,7 +107,7 @@ class InferConfig:
     per_device_eval_batch_size: int = field(default=8, metadata=_help("Prompts per generation batch."))
     seed: int = field(default=1234, metadata=_help("Sampling seed."))
     debug: bool = field(default=False, metadata=_help("Only the first 32 rows."))
-    dtype: str = field(default="fp32", metadata=_help("fp32, bf16 or fp16."))
+    dtype: str = field(default="auto", metadata=_help(AUTO_DTYPE_HELP))
     local_rank: int = field(default=-1, metadata=_help("Set by the deepspeed launcher; leave alone."))
     tensor_parallel: bool = field(
         default=False,
@@ -125,8 +127,8 @@ class InferConfig:
             raise ConfigError(f"--backend {self.backend!r} is unknown; choose one of: {', '.join(BACKENDS)}.")
         if self.per_device_eval_batch_size < 1:
             raise ConfigError(f"--per_device_eval_batch_size must be at least 1, got {self.per_device_eval_batch_size}.")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"--dtype {self.dtype!r} is unknown; choose one of: {', '.join(DTYPES)}.")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ConfigError(f"--dtype {self.dtype!r} is unknown; choose one of: {', '.join(DTYPE_CHOICES)}.")
 
 
 
@@ -138,7 +140,7 @@ class EvalConfig:
     split: str = field(default="eval", metadata=_help("Which split to score: eval or train."))
     per_device_eval_batch_size: int = field(default=8, metadata=_help("Samples per batch."))
     seed: int = field(default=1234, metadata=_help("Seed used to hold out eval rows from single files."))
-    dtype: str = field(default="fp32", metadata=_help("fp32, bf16 or fp16."))
+    dtype: str = field(default="auto", metadata=_help(AUTO_DTYPE_HELP))
     generate: int = field(
         default=0, metadata=_help("Also generate answers for the first N rows of the split and score them "
                                   "(exact_match, rouge_l, chrf, bleu, --eval_metric), as training's --eval_generate."))
@@ -151,8 +153,8 @@ class EvalConfig:
             raise ConfigError(f"--split must be 'eval' or 'train', got {self.split!r}.")
         if self.per_device_eval_batch_size < 1:
             raise ConfigError(f"--per_device_eval_batch_size must be at least 1, got {self.per_device_eval_batch_size}.")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"--dtype {self.dtype!r} is unknown; choose one of: {', '.join(DTYPES)}.")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ConfigError(f"--dtype {self.dtype!r} is unknown; choose one of: {', '.join(DTYPE_CHOICES)}.")
         if self.generate is None or self.generate < 0:
             raise ConfigError(f"--generate must be 0 (off) or a number of rows, got {self.generate}.")
         if self.eval_metric and not self.generate:
@@ -198,13 +200,13 @@ class ChatConfig:
         default=None, metadata=_help("Prompt tokens kept; older turns are dropped first."))
     max_ans_len: int | None = field(
         default=None, metadata=_help("Default for --max_new_tokens (saved value, else 256)."))
-    dtype: str = field(default="fp32", metadata=_help("Model dtype: fp32, bf16 or fp16."))
+    dtype: str = field(default="auto", metadata=_help(AUTO_DTYPE_HELP))
     seed: int = field(default=1234, metadata=_help("Sampling seed."))
 
     def __post_init__(self) -> None:
         normalise_fields(self)
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"--dtype {self.dtype!r} is unknown; choose one of: {', '.join(DTYPES)}.")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ConfigError(f"--dtype {self.dtype!r} is unknown; choose one of: {', '.join(DTYPE_CHOICES)}.")
         for name in ("max_prompt_len", "max_ans_len"):
             value = getattr(self, name)
             if value is not None and value < 1:

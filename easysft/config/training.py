@@ -13,7 +13,7 @@ from easysft.config.fields import (
     _help,
 )
 from easysft.config.values import normalise_fields
-from easysft.dtypes import DTYPES
+from easysft.dtypes import DTYPE_CHOICES
 from easysft.errors import ConfigError
 
 
@@ -64,7 +64,9 @@ class TrainConfig:
     num_warmup_steps: int = field(default=0, metadata=_help("Linear warmup steps."))
     max_grad_norm: float = field(default=1.0, metadata=_help("Gradient clipping norm (0 = off)."))
     seed: int = field(default=1234, metadata=_help("Seed for shuffling, dropout and init.", resume_sensitive=True))
-    dtype: str = field(default="fp32", metadata=_help("fp32, bf16 or fp16 (autocast where supported)."))
+    dtype: str = field(default="auto", metadata=_help(
+        "auto (bf16 autocast on a CUDA GPU with bf16, Ampere or newer; fp32 on CPU, where bf16 is slower), fp32, "
+        "bf16 or fp16 (autocast where supported)."))
     gradient_checkpointing: bool = field(default=False, metadata=_help("Recompute activations to save memory."))
     packing: bool | None = field(
         default=None,
@@ -194,8 +196,8 @@ class TrainConfig:
             )
         if self.num_warmup_steps < 0:
             raise ConfigError(f"--num_warmup_steps must be non-negative, got {self.num_warmup_steps}.")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"--dtype {self.dtype!r} is unknown; choose one of: {', '.join(DTYPES)}.")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ConfigError(f"--dtype {self.dtype!r} is unknown; choose one of: {', '.join(DTYPE_CHOICES)}.")
         if self.engine not in ENGINES:
             raise ConfigError(f"--engine {self.engine!r} is unknown; choose one of: {', '.join(ENGINES)}.")
         if self.zero_stage not in (0, 1, 2, 3):
@@ -216,7 +218,7 @@ class TrainConfig:
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ConfigError(f"--attn_implementation {self.attn_implementation!r} is unknown; choose one of: "
                               f"{', '.join(ATTN_IMPLEMENTATIONS)}.")
-        if self.bf16_weights and self.dtype != "bf16":
+        if self.bf16_weights and self.dtype not in ("bf16", "auto"):
             raise ConfigError("--bf16_weights needs --dtype bf16 (it keeps the weights in bf16); add --dtype bf16.")
         if self.max_nonfinite_steps < 1:
             raise ConfigError(f"--max_nonfinite_steps must be at least 1, got {self.max_nonfinite_steps}.")

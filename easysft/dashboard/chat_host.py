@@ -77,8 +77,15 @@ def _load_checkpoint_model(run_folder: Path, checkpoint: Path, dtype: str):
 
 
 def load_for_chat(run_folder: Path, which: str, dtype: str):
-    """(model in eval mode, tokenizer, meta) for ``which`` ('final' or 'step-N') of ``run_folder``."""
+    """(model in eval mode, tokenizer, meta) for ``which`` ('final' or 'step-N') of ``run_folder``; ``dtype`` may
+    be ``auto`` (bf16 on a CUDA GPU with bf16, else fp32)."""
+    import torch
+
+    from easysft.dtypes import dtype_for_device
     from easysft.models.load import load_model, load_tokenizer, resolve_model_path
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype_for_device(dtype, device)
 
     if which == "final":
         folder = run_folder
@@ -93,12 +100,7 @@ def load_for_chat(run_folder: Path, which: str, dtype: str):
         tokenizer = load_tokenizer(resolved.tokenizer_path)
         model = load_model(resolved.path, dtype=dtype, adapter_path=resolved.adapter_path)
         meta = resolved.meta or _settings_meta(run_folder, read_json(run_folder / TRAIN_CONFIG))
-    model.eval()
-    import torch
-
-    if torch.cuda.is_available():
-        model.to("cuda")
-    return model, tokenizer, meta
+    return model.eval().to(device), tokenizer, meta
 
 
 def clean_turns(history) -> list[dict]:
@@ -117,7 +119,7 @@ def clean_turns(history) -> list[dict]:
 class ChatHost:
     """Holds at most one model; loading another replaces it. One answer is generated at a time."""
 
-    def __init__(self, dtype: str = "fp32", loader=load_for_chat) -> None:
+    def __init__(self, dtype: str = "auto", loader=load_for_chat) -> None:
         self.dtype = dtype
         self._loader = loader
         self._lock = threading.Lock()

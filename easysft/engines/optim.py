@@ -55,10 +55,18 @@ class MasterWeightAdamW(torch.optim.AdamW):
     fp32 moments; :meth:`step` takes the model's (bf16) gradients in fp32, updates the masters and copies them
     back rounded. Small updates therefore accumulate in the masters instead of vanishing in bf16 rounding.
 
+    Memory: the step walks the parameters in chunks of about ``STEP_CHUNK_ELEMENTS``: a chunk's bf16 gradients
+    become fp32 (and are freed), AdamW updates only those masters (it skips parameters without a gradient), and
+    the chunk is copied back. So the fp32 gradients never exist for the whole model at once: per parameter the
+    run holds 2 bytes of weight, 2 of gradient and 12 of optimizer state (the 16 bytes of fp32 training), not 4
+    more. AdamW is elementwise per parameter, so the chunking changes no value.
+
     The masters are part of :meth:`state_dict` (key ``easysft_master_weights``), so a resume continues from the
     fp32 values, not from the rounded model weights. The LR scheduler drives this optimizer's ``param_groups``
     (the masters) as usual.
     """
+
+    STEP_CHUNK_ELEMENTS = 64 * 2**20  # 256 MiB of fp32 gradients at a time
 
     def __init__(self, groups: list[dict], **kwargs) -> None:
         self.model_params: list[torch.Tensor] = []
@@ -74,12 +82,33 @@ class MasterWeightAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        for param, master in zip(self.model_params, self.master_params, strict=True):
-            master.grad = None if param.grad is None else param.grad.float()
-        loss = super().step(closure)
-        for param, master in zip(self.model_params, self.master_params, strict=True):
-            param.copy_(master)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for chunk in self._chunks():
+            for param, master in chunk:
+                master.grad = param.grad.float()
+                param.grad = None
+            super().step()
+            for param, master in chunk:
+                param.copy_(master)
+                master.grad = None
         return loss
+
+    def _chunks(self) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """(model parameter, master) pairs that have a gradient, in chunks of about ``STEP_CHUNK_ELEMENTS``."""
+        chunks: list[list] = [[]]
+        size = 0
+        for param, master in zip(self.model_params, self.master_params, strict=True):
+            if param.grad is None:
+                continue
+            if chunks[-1] and size + param.numel() > self.STEP_CHUNK_ELEMENTS:
+                chunks.append([])
+                size = 0
+            chunks[-1].append((param, master))
+            size += param.numel()
+        return [chunk for chunk in chunks if chunk]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)

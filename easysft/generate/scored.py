@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 
 from easysft.config import GenerateConfig
+from easysft.distributed import DistInfo
+from easysft.dtypes import dtype_for_device
 from easysft.errors import ConfigError
 from easysft.files import atomic_open
 from easysft.generate.parallel import dist_state, generate_ids_data_parallel
@@ -112,9 +114,10 @@ def score_saved_model(model_cfg, data_cfg, eval_cfg, given: dict, user_metric: U
                                          multi_turn=data_cfg.multi_turn), eval_cfg.generate)
     if not examples:
         raise DataError(f"the {eval_cfg.split} split has no row with a prompt and a text answer to generate for.")
-    model = load_model(resolved.path, dtype=eval_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code,
-                       adapter_path=resolved.adapter_path)
-    scored = generate_and_score(model, tokenizer, examples, template=settings.template,
+    device = DistInfo.from_env().device  # the GPU when there is one
+    model = load_model(resolved.path, dtype=dtype_for_device(eval_cfg.dtype, device),
+                       trust_remote_code=model_cfg.trust_remote_code, adapter_path=resolved.adapter_path)
+    scored = generate_and_score(model.to(device), tokenizer, examples, template=settings.template,
                                 max_prompt_len=settings.max_prompt_len, gen=settings.generation,
                                 max_new_tokens=settings.max_new_tokens, batch_size=eval_cfg.per_device_eval_batch_size,
                                 user_metric=user_metric, user_metric_name=eval_cfg.eval_metric or "",

@@ -54,8 +54,8 @@ def check_run_memory(model_cfg, data_cfg, train_cfg, lora_cfg, model_path: str, 
         counts, step, lora=lora_cfg.enabled, only_optimize_lora=lora_cfg.only_optimize_lora,
         quantization=train_cfg.quantization, double_quant=train_cfg.double_quant, optim=train_cfg.optim,
         engine=engine.name, zero_stage=train_cfg.zero_stage, world_size=dist.world_size, dtype=train_cfg.dtype,
-        lean=train_cfg.lean_activations, checkpointing=train_cfg.gradient_checkpointing,
-        offload=train_cfg.offload_activations, device=dist.device)
+        bf16_weights=train_cfg.bf16_weights, lean=train_cfg.lean_activations,
+        checkpointing=train_cfg.gradient_checkpointing, offload=train_cfg.offload_activations, device=dist.device)
     print0(estimate.describe(dist.device))
     capacity, what = device_capacity_bytes(dist.device)
     if capacity and estimate.total > REFUSE_FACTOR * capacity and not train_cfg.skip_memory_check:

@@ -3,19 +3,22 @@
 ``estimate_memory`` adds up, in bytes:
 
 - **weights**: parameters counted on the meta device (no memory, no download), stored in fp32 (easysft keeps fp32
-  master weights; ``--dtype bf16`` is autocast), or under ``--quantization`` the decoder's linear layers at
-  4.5 / ~4.1 (double quant) / 8 bits and the rest in bf16; LoRA adapters in fp32. Sharded over ranks by FSDP2 and
-  ZeRO-3.
-- **gradients**: 4 bytes per trainable parameter (sharded by FSDP2, ZeRO-2/3); twice that under DDP, whose
-  reducer keeps its own gradient buckets.
+  master weights; ``--dtype bf16`` is autocast), in bf16 with ``--bf16_weights``, or under ``--quantization`` the
+  decoder's linear layers at 4.5 / ~4.1 (double quant) / 8 bits and the rest in bf16; LoRA adapters in fp32.
+  Sharded over ranks by FSDP2 and ZeRO-3.
+- **gradients**: 4 bytes per trainable parameter, 2 with ``--bf16_weights`` (sharded by FSDP2, ZeRO-2/3); twice
+  that under DDP, whose reducer keeps its own gradient buckets.
 - **optimizer**: per trainable parameter 8 bytes for AdamW, ~2 for the 8-bit and ~1 for the 4-bit variants
-  (engines/optimizers.py; sharded by FSDP2 and ZeRO-1/2/3).
+  (engines/optimizers.py; sharded by FSDP2 and ZeRO-1/2/3); ``--bf16_weights`` adds the 4-byte fp32 master copy
+  (its chunked step never holds all fp32 gradients at once: engines/optim.py).
 - **activations** of the largest micro-batch the data can produce (the longest padded rows, or the fullest packed
   row): per token and decoder layer the tensors autograd keeps for a Llama-style block (7 hidden + 2 key/value + 4
   MLP-width values; 5 + 2 + 2 with ``--lean_activations``); with gradient checkpointing only each layer's input
   plus one layer recomputed; the LM head's fp32 logits over supervised positions (logits, their log-softmax and
-  its gradient); the packed rows' dense attention mask. ``--offload_activations`` moves the per-layer part to
-  CPU memory (on CUDA it leaves the device; on CPU it stays in the same RAM).
+  its gradient), at most one chunk of them where the chunked loss runs (easysft/chunked_ce.py: single process and
+  DDP; a chunk is 256 MiB of fp32 logits on CUDA, 1 GiB on CPU); the packed rows' dense attention mask.
+  ``--offload_activations`` moves the per-layer part to CPU memory (on CUDA it leaves the device; on CPU it
+  stays in the same RAM).
 - **runtime**: on CPU the process's resident memory when the estimate is made (interpreter, libraries,
   tokenizer, data: all already there); on CUDA the CUDA context (~0.5 GiB, not in torch's allocator figures).
 
@@ -32,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from easysft.chunked_ce import default_chunk_tokens
 from easysft.data.samples import sample_lengths, supervised_counts
 from easysft.engines.optimizers import STATE_BYTES_PER_PARAM
 from easysft.models.quantize import BITS_PER_WEIGHT, is_quantized
@@ -141,8 +145,9 @@ def _shards(engine: str, zero_stage: int, world: int) -> tuple[int, int, int]:
 
 
 def activation_bytes(counts: ParamCounts, step: StepShape, *, lean: bool, checkpointing: bool, offload: bool,
-                     device_type: str, bytes_per_value: float) -> int:
-    """Activation memory of one micro-batch's forward+backward (see the module docstring)."""
+                     device_type: str, bytes_per_value: float, chunked_loss: bool = True) -> int:
+    """Activation memory of one micro-batch's forward+backward (see the module docstring); ``chunked_loss``: the
+    LM head runs through easysft/chunked_ce.py (single process, DDP), so its fp32 logits never exceed one chunk."""
     h, kv, inter, layers = counts.hidden, counts.kv_width, counts.intermediate, counts.layers
     per_layer = (5 * h + 2 * kv + 2 * inter) if lean else (7 * h + 2 * kv + 4 * inter)
     per_layer *= step.tokens * bytes_per_value
@@ -152,7 +157,10 @@ def activation_bytes(counts: ParamCounts, step: StepShape, *, lean: bool, checkp
         kept = layers * per_layer
     if offload and device_type == "cuda":
         kept = per_layer  # one layer's tensors on their way out / back
-    head = 3 * step.supervised_tokens * counts.vocab * 4 + 2 * step.tokens * h * 4
+    head_tokens = step.supervised_tokens
+    if chunked_loss:
+        head_tokens = min(head_tokens, default_chunk_tokens(counts.vocab, device_type))
+    head = 3 * head_tokens * counts.vocab * 4 + 2 * step.tokens * h * 4
     mask = step.row_tokens * step.row_tokens if step.rows == 1 and step.row_tokens > 1 else 0
     return int(kept + head + mask)
 
@@ -160,8 +168,8 @@ def activation_bytes(counts: ParamCounts, step: StepShape, *, lean: bool, checkp
 def estimate_memory(counts: ParamCounts, step: StepShape, *, lora: bool, only_optimize_lora: bool = True,
                     quantization: str = "none", double_quant: bool = False, optim: str = "adamw",
                     engine: str = "single", zero_stage: int = 0, world_size: int = 1, dtype: str = "fp32",
-                    lean: bool = True, checkpointing: bool = False, offload: bool = False,
-                    device: torch.device | None = None) -> MemoryEstimate:
+                    bf16_weights: bool = False, lean: bool = True, checkpointing: bool = False,
+                    offload: bool = False, device: torch.device | None = None) -> MemoryEstimate:
     """The expected peak of one device (see the module docstring); ``device`` defaults to the CPU."""
     device = device if device is not None else torch.device("cpu")
     w_div, g_div, o_div = _shards(engine, zero_stage, world_size)
@@ -169,16 +177,19 @@ def estimate_memory(counts: ParamCounts, step: StepShape, *, lora: bool, only_op
         bits = BITS_PER_WEIGHT["4bit+double_quant" if double_quant else quantization]
         weights = counts.quantizable * bits / 8 + (counts.total - counts.quantizable) * 2 + counts.lora * 4
     else:
-        weights = (counts.total + (counts.lora if lora else 0)) * 4
+        weights = (counts.total + (counts.lora if lora else 0)) * (2 if bf16_weights else 4)
     trainable = counts.lora if lora and only_optimize_lora else counts.total + (counts.lora if lora else 0)
-    bytes_per_value = 2.0 if is_quantized(quantization) else (4.0 if dtype == "fp32" else 3.0)
-    activations = activation_bytes(counts, step, lean=lean and engine in ("single", "ddp"),
-                                   checkpointing=checkpointing, offload=offload, device_type=device.type,
-                                   bytes_per_value=bytes_per_value)
+    state_bytes = STATE_BYTES_PER_PARAM[optim] + (4 if bf16_weights else 0)  # + the fp32 master copy
+    grad_bytes = 2 if bf16_weights else 4
+    bytes_per_value = 2.0 if is_quantized(quantization) or bf16_weights else (4.0 if dtype == "fp32" else 3.0)
+    unsharded_head = engine in ("single", "ddp")  # lean ops and the chunked loss need the plain, unsharded modules
+    activations = activation_bytes(counts, step, lean=lean and unsharded_head, checkpointing=checkpointing,
+                                   offload=offload, device_type=device.type, bytes_per_value=bytes_per_value,
+                                   chunked_loss=unsharded_head)
     runtime = current_rss_bytes() if device.type == "cpu" else CUDA_CONTEXT_BYTES
     grad_copies = 2 if engine == "ddp" else 1  # DDP's reducer buckets (no gradient_as_bucket_view)
-    return MemoryEstimate(weights=int(weights / w_div), gradients=int(grad_copies * trainable * 4 / g_div),
-                          optimizer=int(trainable * STATE_BYTES_PER_PARAM[optim] / o_div),
+    return MemoryEstimate(weights=int(weights / w_div), gradients=int(grad_copies * trainable * grad_bytes / g_div),
+                          optimizer=int(trainable * state_bytes / o_div),
                           activations=activations, runtime=int(runtime), step=step)
 
 

@@ -30,6 +30,7 @@ from easysft.data.mixing import format_mixing
 from easysft.data.samples import sample_lengths
 from easysft.data.tokenize import IGNORE_INDEX
 from easysft.distributed import DistInfo, barrier, print0
+from easysft.dtypes import dtype_for_device
 from easysft.engines import choose_engine, make_engine
 from easysft.errors import ConfigError
 from easysft.evaluation import EvalResult
@@ -139,6 +140,9 @@ def setup(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig, 
     """Engine, output folder, tokenizer, data, model, schedule, resume and run files: a :class:`Run`."""
     user_metric, user_metric_names = check_user_metric(train_cfg)  # a broken --eval_metric fails first
     dist = DistInfo.from_env()
+    # --dtype auto resolved for this machine (easysft/dtypes.py); everything after reads the result.
+    train_cfg = dataclasses.replace(train_cfg, dtype=dtype_for_device(train_cfg.dtype, dist.device,
+                                                                      bf16_weights=train_cfg.bf16_weights))
     engine = make_engine(choose_engine(train_cfg, dist), dist)  # initialises torch.distributed if launched
     if train_cfg.dtype == "fp16" and dist.device.type != "cuda":
         raise ConfigError("--dtype fp16 needs a CUDA device; use --dtype bf16 or fp32 on CPU.")

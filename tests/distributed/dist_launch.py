@@ -62,13 +62,24 @@ def run(cmd: list[str], env: dict[str, str], timeout_s: float = 900) -> Finished
     return Finished(proc.returncode, proc.stdout, time.time())
 
 
-def run_many(launcher: list[str], runs: list, workdir: Path, env: dict[str, str], timeout_s: float = 900) -> Finished:
-    """Run several ``easysft train`` argument lists one after another in ONE launch (see driver.py)."""
+def run_many(launcher: list[str], runs: list, workdir: Path, env: dict[str, str], timeout_s: float = 900,
+             nproc: int = 2) -> tuple[Finished, set[int]]:
+    """Run several ``easysft train`` argument lists one after another in ONE launch (see driver.py); the job's
+    result and the indexes of the runs every one of the ``nproc`` ranks finished as expected. A job past
+    ``timeout_s`` is killed and reported as exit code -9 with the output it had written."""
     runs_file = workdir / f"runs-{len(list(workdir.glob('runs-*.json')))}.json"
     runs_file.write_text(json.dumps(runs), encoding="utf-8")
-    finished = run([*launcher, str(DRIVER), str(runs_file)], env, timeout_s)
-    assert finished.returncode == 0, finished.output[-6000:]
-    return finished
+    done_file = runs_file.with_suffix(".done")
+    try:
+        finished = run([*launcher, str(DRIVER), str(runs_file), "--done", str(done_file)], env, timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        output = exc.output.decode(errors="replace") if isinstance(exc.output, bytes) else exc.output or ""
+        finished = Finished(-9, f"{output}\n(killed after {timeout_s:.0f} s)", time.time())
+    per_rank = []
+    for rank in range(nproc):
+        path = Path(f"{done_file}.rank{rank}")
+        per_rank.append({int(line) for line in path.read_text().split()} if path.is_file() else set())
+    return finished, set.intersection(*per_rank)
 
 
 def read_losses(output_dir: str | Path) -> list[float]:

@@ -8,13 +8,17 @@ ONE deepspeed job, each running its command lines one after another through test
 same ``easysft.cli.main`` a user's command line reaches). A module then reads its outputs under
 ``launched.folder(name)``. Runs that must crash a job (test_faults.py) keep their own launches.
 
-A run that ends with an unexpected exit code stops its job, and every test that needs that job fails with the
-job's output (the failing run is named by the driver's last line).
+A run that ends with an unexpected exit code stops its job (the runs after it are not started). Runs are grouped
+by the first folder under the plan's root in their ``--output_dir`` (a module's ``folder(name)``): the runs of a
+group that all finished serve their tests as usual, and ``folder(name)`` of a group with a failed or unstarted
+run fails the test with the job's output, whose last lines name the failing run.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import pytest
 
 from tests.distributed.dist_launch import deepspeed_cmd, launch_env, run_many, torchrun_cmd
 
@@ -28,11 +32,22 @@ class Plan:
     def __init__(self, root: Path, model_dir: str):
         self.root, self.model_dir = root, model_dir
         self.runs: dict[str, list] = {name: [] for name in LAUNCHERS}
+        self.failures: dict[str, str] = {}  # group (folder name) -> why its runs cannot be used
+        self.ran = False
 
     def folder(self, name: str) -> Path:
+        """``root/name`` (created); once the runs have been trained, a test fails here if one of its runs did not
+        finish as expected."""
+        if self.ran and name in self.failures:
+            pytest.fail(self.failures[name], pytrace=False)
         path = self.root / name
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def group(self, spec: dict) -> str:
+        """The folder name a run belongs to: the first part of its ``--output_dir`` under the plan's root."""
+        output_dir = Path(spec["argv"][spec["argv"].index("--output_dir") + 1])
+        return output_dir.relative_to(self.root).parts[0]
 
     def add(self, launcher: str, argv: list[str], env: dict[str, str] | None = None, expect: int = 0) -> None:
         """One ``easysft train`` command line for ``launcher`` ("single": 1 process; "torchrun"; "deepspeed")."""
@@ -42,15 +57,28 @@ class Plan:
         from tests.distributed.driver import run_all
 
         cache = self.root / "data-cache"
-        if self.runs["single"]:
-            for spec in self.runs["single"]:
-                spec["env"].setdefault("EASYSFT_DATA_CACHE", str(cache))
-            assert run_all(self.runs["single"]) == 0, "a single-process reference run failed (see captured stderr)"
+        for spec in self.runs["single"]:  # in this process: one failing reference does not stop the others
+            spec["env"].setdefault("EASYSFT_DATA_CACHE", str(cache))
+            try:
+                ended_as_expected = run_all([spec]) == 0
+            except Exception as exc:  # noqa: BLE001 -- reported to the tests of this run's group
+                ended_as_expected, spec = False, {**spec, "error": repr(exc)}
+            if not ended_as_expected:
+                self._fail(spec, f"single-process run {spec['argv']} did not end as expected "
+                                 f"{spec.get('error', '(see captured stderr)')}")
         env = launch_env(cache)
-        if self.runs["torchrun"]:
-            run_many(torchrun_cmd(2), self.runs["torchrun"], self.root, env, LAUNCH_TIMEOUT_S)
-        if self.runs["deepspeed"]:
-            run_many(deepspeed_cmd(2), self.runs["deepspeed"], self.root, env, LAUNCH_TIMEOUT_S)
+        for launcher, cmd in (("torchrun", torchrun_cmd), ("deepspeed", deepspeed_cmd)):
+            if not self.runs[launcher]:
+                continue
+            finished, done = run_many(cmd(2), self.runs[launcher], self.root, env, LAUNCH_TIMEOUT_S)
+            for index, spec in enumerate(self.runs[launcher]):
+                if index not in done:
+                    self._fail(spec, f"{launcher} job (exit {finished.returncode}) did not finish run {index} "
+                                     f"{spec['argv']}; its output:\n{finished.output[-6000:]}")
+        self.ran = True
+
+    def _fail(self, spec: dict, message: str) -> None:
+        self.failures.setdefault(self.group(spec), message)  # the first failure of a group is the one to read
 
 
 def launch_all(modules, root: Path, model_dir: str) -> Plan:

@@ -95,6 +95,47 @@ def test_master_weight_adamw_keeps_updates_that_bf16_rounding_would_lose():
     torch.testing.assert_close(fresh.master_params[0], master_opt.master_params[0])
 
 
+def test_master_weight_adamw_steps_in_chunks_with_the_same_result(monkeypatch):
+    """The chunked step (fp32 gradients for one chunk at a time) gives bit-identical masters and weights to one
+    step over everything, and never holds more than a chunk of fp32 gradients."""
+    from easysft.engines.optim import MasterWeightAdamW
+
+    torch.manual_seed(0)
+    shapes = [(64, 32), (32,), (128, 16), (16,), (48, 48)]
+    start = [torch.randn(shape).to(torch.bfloat16) for shape in shapes]
+
+    def make(chunk_elements: int):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        opt = MasterWeightAdamW([{"params": params[::2], "weight_decay": 0.1},
+                                 {"params": params[1::2], "weight_decay": 0.0}], lr=1e-2)
+        opt.STEP_CHUNK_ELEMENTS = chunk_elements
+        return params, opt
+
+    whole_params, whole = make(10**9)
+    chunked_params, chunked = make(2500)
+    held: dict[str, list[int]] = {"whole": [], "chunked": []}
+    real_step = torch.optim.AdamW.step
+
+    def counting_step(self, *args, **kwargs):
+        name = "chunked" if self is chunked else "whole"
+        held[name].append(sum(m.grad.numel() for m in self.master_params if m.grad is not None))
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", counting_step)
+    for step in range(3):
+        grads = [torch.randn(shape).to(torch.bfloat16) for shape in shapes]
+        for params in (whole_params, chunked_params):
+            for i, (param, grad) in enumerate(zip(params, grads, strict=True)):
+                param.grad = None if (step == 1 and i == 3) else grad.clone()  # an unused parameter in step 1
+        whole.step()
+        chunked.step()
+        assert all(p.grad is None for p in chunked_params) and all(m.grad is None for m in chunked.master_params)
+    for a, b in zip(whole.master_params + whole_params, chunked.master_params + chunked_params, strict=True):
+        assert torch.equal(a, b)
+    assert held["whole"][0] == sum(t.numel() for t in start) and len(held["whole"]) == 3  # all at once
+    assert max(held["chunked"]) <= 2500 and len(held["chunked"]) >= 3 * 3  # a chunk at a time, several a step
+
+
 def test_lora_under_bf16_autocast_matches_fp32(tiny_model_dir, data_dir, tmp_path):
     lora = LoraConfig(lora_dim=4, lora_module_name="all-linear")
     fp32 = _train(tiny_model_dir, data_dir, tmp_path / "fp32", lora=lora)
@@ -104,4 +145,5 @@ def test_lora_under_bf16_autocast_matches_fp32(tiny_model_dir, data_dir, tmp_pat
 
 def test_bf16_weights_need_bf16():
     with pytest.raises(ConfigError, match="--bf16_weights needs --dtype bf16"):
-        TrainConfig(bf16_weights=True)
+        TrainConfig(bf16_weights=True, dtype="fp32")
+    assert TrainConfig(bf16_weights=True).dtype == "auto"  # resolved to bf16 when the run starts

@@ -28,6 +28,7 @@ def test_original_design_command_line_trains_without_subcommand(tiny_model_dir, 
     assert "step 1: loss" in err and "step 2: loss" in err  # --print_loss; 8 rows / (2 x 2) = 2 steps
     config = json.loads((out / "train_config.json").read_text())
     assert config["weight_decay"] == 0.1 and config["gradient_accumulation_steps"] == 2
+    assert config["dtype"] == "fp32"  # --dtype auto, resolved for this CPU machine, is what the run records
     assert (out / "model.safetensors").is_file()
 
 

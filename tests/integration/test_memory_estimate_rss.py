@@ -1,6 +1,7 @@
 """The memory estimate printed before the weights load is within 20% of the measured peak resident memory of the
-bundled SmolLM2-135M's full and LoRA runs (issue 18). Each run is its own `easysft train` process measured with
-`os.wait4` (bench/bench_memory.py's runner, so the bench and this test measure the same way)."""
+bundled SmolLM2-135M's full and LoRA runs (issue 18). Each run is its own `easysft train` process whose own
+resident high-water mark (VmHWM) bench/high_water.py records: bench/bench_memory.py's runner, so the bench and
+this test measure the same way."""
 
 from __future__ import annotations
 

@@ -158,11 +158,12 @@ def test_chat_history_changes_the_second_turn(tokenizer, tiny_model):
 
 def test_eval_and_infer_dtype_is_used(tiny_model_dir, qa_data_dir, tmp_path, capsys):
     losses = {}
-    for dtype in ("fp32", "bf16"):
+    for dtype in ("fp32", "bf16", None):  # None: the default, --dtype auto (fp32 on this CPU machine)
         assert main(["eval", "--model_name_or_path", tiny_model_dir, "--data_path", qa_data_dir, "--template", "qa",
-                     "--dtype", dtype]) == 0
+                     *(["--dtype", dtype] if dtype else [])]) == 0
         losses[dtype] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval_loss"]
     assert losses["bf16"] != losses["fp32"] and losses["bf16"] == pytest.approx(losses["fp32"], rel=2e-2)
+    assert losses[None] == losses["fp32"]
 
     from easysft.models import load as load_module
 

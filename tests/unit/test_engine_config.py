@@ -110,3 +110,25 @@ def test_deepspeed_launcher_local_rank_before_the_subcommand(monkeypatch):
     monkeypatch.setattr(cli, "_command_module", lambda name: type("M", (), {"run": staticmethod(lambda v: 0)}))
     assert cli.main(["--local_rank=1", "train", "--data_path", "d"]) == 0
     assert seen == {"command": "train", "argv": ["--data_path", "d", "--local_rank=1"]}
+
+
+@pytest.mark.parametrize("name, device, cuda_bf16, bf16_weights, expected", [
+    ("auto", "cuda", True, False, "bf16"),   # Ampere or newer: bf16 autocast, as TRL's default
+    ("auto", "cuda", False, False, "fp32"),  # no bf16 on this GPU: fp32, never an fp16 loss scaler by surprise
+    ("auto", "cpu", False, False, "fp32"),   # bf16 matmuls are slower than fp32 on CPUs without AMX
+    ("auto", "cpu", False, True, "bf16"),    # --bf16_weights asks for bf16
+    ("fp32", "cuda", True, False, "fp32"),   # an explicit choice is kept
+    ("fp16", "cuda", True, False, "fp16"),
+    ("bf16", "cpu", False, False, "bf16"),
+])
+def test_dtype_auto_resolves_per_machine(name, device, cuda_bf16, bf16_weights, expected):
+    from easysft.dtypes import resolve_dtype
+
+    assert resolve_dtype(name, device, cuda_bf16=cuda_bf16, bf16_weights=bf16_weights) == expected
+
+
+def test_dtype_auto_is_the_default_and_bf16_weights_accepts_it():
+    assert TrainConfig().dtype == "auto"
+    assert TrainConfig(bf16_weights=True).bf16_weights
+    with pytest.raises(ConfigError, match="--bf16_weights needs --dtype bf16"):
+        TrainConfig(bf16_weights=True, dtype="fp32")

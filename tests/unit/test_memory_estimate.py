@@ -35,6 +35,9 @@ def test_each_lever_moves_its_component():
     assert estimate_memory(counts, step, lora=False, engine="fsdp", world_size=4).optimizer == full.optimizer // 4
     zero1 = estimate_memory(counts, step, lora=False, engine="deepspeed", zero_stage=1, world_size=2)
     assert zero1.weights == full.weights and zero1.optimizer == full.optimizer // 2
+    bf16w = estimate_memory(counts, step, lora=False, dtype="bf16", bf16_weights=True)
+    assert bf16w.weights == bf16w.gradients == counts.total * 2 and bf16w.optimizer == counts.total * 12
+    assert bf16w.activations < estimate_memory(counts, step, lora=False, dtype="bf16").activations
     ckpt = estimate_memory(counts, step, lora=False, checkpointing=True)
     assert ckpt.activations < full.activations
     assert estimate_memory(counts, step, lora=False, lean=False).activations > full.activations
@@ -62,3 +65,20 @@ def test_largest_step_reads_a_cached_split_through_its_arrays(tmp_path):
     for packing, max_tokens in ((False, None), (True, None), (True, 10)):
         assert (largest_step(view, batch_size=2, packing=packing, packing_max_tokens=max_tokens)
                 == largest_step(samples, batch_size=2, packing=packing, packing_max_tokens=max_tokens))
+
+
+def test_the_lm_head_term_follows_the_chunked_loss():
+    """Single process and DDP run the head through easysft/chunked_ce.py: at most one chunk of fp32 logits (256 MiB
+    on CUDA), however many supervised tokens; FSDP2/ZeRO-3 project every supervised position at once."""
+    from easysft.chunked_ce import default_chunk_tokens
+
+    counts = count_params(make_tiny_config(128256, hidden_size=64, intermediate_size=128))
+    cuda = torch.device("cuda")
+    small, big = (StepShape(rows=1, row_tokens=4096, supervised_tokens=n) for n in (100, 3000))
+    chunk = default_chunk_tokens(counts.vocab, "cuda")
+    assert 100 < chunk < 3000
+    single = {s.supervised_tokens: estimate_memory(counts, s, lora=False, device=cuda).activations for s in (small, big)}
+    assert single[3000] - single[100] == 3 * (chunk - 100) * counts.vocab * 4
+    fsdp = {s.supervised_tokens: estimate_memory(counts, s, lora=False, engine="fsdp", world_size=2,
+                                                  device=cuda).activations for s in (small, big)}
+    assert fsdp[3000] - fsdp[100] == 3 * 2900 * counts.vocab * 4
