@@ -50,6 +50,7 @@ LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                 tie_word_embeddings=False)
 SMOLLM_17B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
                   num_key_value_heads=32, vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True)
+GPU_ROWS = 1200  # training rows of the GPU runs (long list-question rows)
 PACKED_4096 = ["--packing", "true", "--packing_max_tokens", "4096", "--max_prompt_len", "1024", "--dtype", "bf16"]
 GPU_MODES = {
     # QLoRA's recipe: NF4 with double-quantized scales (~0.4 bit per weight less than plain NF4).
@@ -75,6 +76,47 @@ def write_data(folder: Path, num_rows: int, *, long_rows: bool) -> Path:
     return folder
 
 
+def config_only_model(name: str, work_dir: Path) -> str:
+    """A folder with just the config.json and tokenizer of a published shape: enough for easysft's estimate."""
+    from transformers import LlamaConfig
+
+    from easysft.models.bundled import bundled_tokenizer_dir
+    from easysft.models.load import load_tokenizer
+
+    folder = work_dir / f"{name}-config"
+    tokenizer = load_tokenizer(os.environ.get("EASYSFT_BENCH_TOKENIZER") or str(bundled_tokenizer_dir()))
+    shape = LLAMA_8B if name == "llama-8b" else SMOLLM_17B
+    LlamaConfig(**shape, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def estimate_gpu_modes(data_dir: Path, work_dir: Path, batch_size: int = 8) -> list[dict]:
+    """What easysft's memory check prints for each GPU mode on one CUDA device, computed on any machine: the
+    run's own flags and data through the same estimate, with nothing loaded and no GPU needed."""
+    import torch
+
+    from easysft.cli import parse_values
+    from easysft.commands.train import build_configs
+    from easysft.data.dataset import prepare_data
+    from easysft.models.load import load_tokenizer
+    from easysft.training.memory_check import estimate_run_memory
+
+    rows = []
+    for label, (model, extra) in GPU_MODES.items():
+        folder = config_only_model(model, work_dir)
+        values = parse_values("train", ["--model_name_or_path", folder, "--data_path", str(data_dir),
+                                        "--per_device_train_batch_size", str(batch_size), *extra])
+        model_cfg, data_cfg, train_cfg, lora_cfg, _ = build_configs(values)
+        data = prepare_data(data_cfg, load_tokenizer(folder), seed=train_cfg.seed)
+        estimate = estimate_run_memory(model_cfg, train_cfg, lora_cfg, folder, samples=data.train,
+                                       engine_name="single", world_size=1, device=torch.device("cuda"))
+        rows.append({"mode": label, "estimate_gib": estimate.total / 2**30,
+                     "line": estimate.describe(torch.device("cuda"))})
+    return rows
+
+
 def random_model(name: str, work_dir: Path) -> str:
     """A random-init model of a published shape, saved once in bf16 with the bundled tokenizer."""
     folder = work_dir / name
@@ -86,7 +128,7 @@ def random_model(name: str, work_dir: Path) -> str:
     from easysft.models.bundled import bundled_tokenizer_dir
     from easysft.models.load import load_tokenizer
 
-    tokenizer = load_tokenizer(str(bundled_tokenizer_dir()))
+    tokenizer = load_tokenizer(os.environ.get("EASYSFT_BENCH_TOKENIZER") or str(bundled_tokenizer_dir()))
     shape = LLAMA_8B if name == "llama-8b" else SMOLLM_17B
     config = LlamaConfig(**shape, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=tokenizer.bos_token_id)
@@ -107,8 +149,10 @@ def run_one(label: str, model: str, data_dir: Path, out_dir: Path, steps: int, e
            "--model_name_or_path", model, "--data_path", str(data_dir), "--output_dir", str(out_dir),
            "--per_device_train_batch_size", str(batch_size), "--max_steps", str(steps), "--lr_scheduler_type",
            "constant", "--tensorboard", "false", "--seed", "1234", *extra]
+    # The repository first, then whatever PYTHONPATH already holds (on the GPU machine: the carried wheels).
+    path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                        "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+                        "PYTHONPATH": path}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS (KiB on Linux)
@@ -145,7 +189,7 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="CPU: the bundled model, a few steps.")
     parser.add_argument("--gpu", action="store_true", help="CUDA: the issue's 8B QLoRA and 1.7B 8-bit AdamW runs.")
@@ -153,14 +197,24 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="run only the modes whose label contains this")
     parser.add_argument("--qlora_on_cpu", action="store_true", help="add the (very slow) CPU QLoRA run to --smoke")
     parser.add_argument("--work_dir", default=None, help="where random-init GPU models are saved (reused)")
-    args = parser.parse_args()
+    parser.add_argument("--estimate_only", action="store_true",
+                        help="with --gpu: print easysft's estimate of each GPU run (any machine; nothing is trained)")
+    args = parser.parse_args(argv)
     if not (args.smoke or args.gpu):
         parser.error("pass --smoke (CPU) or --gpu")
+    if args.estimate_only:
+        if not args.gpu:
+            parser.error("--estimate_only goes with --gpu")
+        with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
+            data_dir = write_data(Path(tmp) / "data", GPU_ROWS, long_rows=True)
+            for row in estimate_gpu_modes(data_dir, Path(tmp)):
+                print(f"{row['mode']}: {row['line']}")
+        return
     steps = args.steps or (30 if args.gpu else 3)
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         work = Path(args.work_dir or tmp)
-        data_dir = write_data(Path(tmp) / "data", 1200 if args.gpu else 64, long_rows=args.gpu)
+        data_dir = write_data(Path(tmp) / "data", GPU_ROWS if args.gpu else 64, long_rows=args.gpu)
         smoke = SMOKE_MODES | (CPU_QLORA if args.qlora_on_cpu else {})
         modes = GPU_MODES if args.gpu else {k: ("bundled", v) for k, v in smoke.items()}
         for i, (label, (model, extra)) in enumerate(modes.items()):

@@ -12,6 +12,7 @@ from easysft.distributed import print0
 from easysft.errors import ModelError, TrainingError
 from easysft.training.memory_estimate import (
     GiB,
+    MemoryEstimate,
     count_params,
     device_capacity_bytes,
     estimate_memory,
@@ -38,6 +39,20 @@ def check_memory_flags(train_cfg, lora_cfg, *, engine: str, device: torch.device
 def check_run_memory(model_cfg, data_cfg, train_cfg, lora_cfg, model_path: str, *, run_data, engine, dist) -> None:
     """Print the memory estimate of this run; refuse (TrainingError naming the levers) when it clearly cannot fit
     the device, unless --skip_memory_check. Reads the model's config only; nothing is loaded."""
+    estimate = estimate_run_memory(model_cfg, train_cfg, lora_cfg, model_path, samples=run_data.train,
+                                   engine_name=engine.name, world_size=dist.world_size, device=dist.device)
+    print0(estimate.describe(dist.device))
+    capacity, what = device_capacity_bytes(dist.device)
+    if capacity and estimate.total > REFUSE_FACTOR * capacity and not train_cfg.skip_memory_check:
+        raise TrainingError(
+            f"this run needs about {estimate.total / GiB:.1f} GiB per device but the {what} is "
+            f"{capacity / GiB:.1f} GiB; pull a lever: {LEVERS} (or --skip_memory_check to start anyway).")
+
+
+def estimate_run_memory(model_cfg, train_cfg, lora_cfg, model_path: str, *, samples, engine_name: str,
+                        world_size: int, device: torch.device) -> MemoryEstimate:
+    """The estimate of a run of these configs on ``device`` (any device type: nothing runs there), from the
+    model's config.json and the prepared training ``samples``; a ModelError when the config is not a causal LM."""
     from transformers import AutoConfig
 
     config = None
@@ -48,20 +63,14 @@ def check_run_memory(model_cfg, data_cfg, train_cfg, lora_cfg, model_path: str, 
         model_type = getattr(config, "model_type", "?")
         raise ModelError(f"{model_path} ({model_type}) is not a causal language model that transformers can load: "
                          f"{str(exc).splitlines()[0]}") from None
-    step = largest_step(run_data.train, batch_size=train_cfg.per_device_train_batch_size,
+    step = largest_step(samples, batch_size=train_cfg.per_device_train_batch_size,
                         packing=train_cfg.packing, packing_max_tokens=train_cfg.packing_max_tokens)
-    estimate = estimate_memory(
+    return estimate_memory(
         counts, step, lora=lora_cfg.enabled, only_optimize_lora=lora_cfg.only_optimize_lora,
         quantization=train_cfg.quantization, double_quant=train_cfg.double_quant, optim=train_cfg.optim,
-        engine=engine.name, zero_stage=train_cfg.zero_stage, world_size=dist.world_size, dtype=train_cfg.dtype,
+        engine=engine_name, zero_stage=train_cfg.zero_stage, world_size=world_size, dtype=train_cfg.dtype,
         bf16_weights=train_cfg.bf16_weights, lean=train_cfg.lean_activations,
-        checkpointing=train_cfg.gradient_checkpointing, offload=train_cfg.offload_activations, device=dist.device)
-    print0(estimate.describe(dist.device))
-    capacity, what = device_capacity_bytes(dist.device)
-    if capacity and estimate.total > REFUSE_FACTOR * capacity and not train_cfg.skip_memory_check:
-        raise TrainingError(
-            f"this run needs about {estimate.total / GiB:.1f} GiB per device but the {what} is "
-            f"{capacity / GiB:.1f} GiB; pull a lever: {LEVERS} (or --skip_memory_check to start anyway).")
+        checkpointing=train_cfg.gradient_checkpointing, offload=train_cfg.offload_activations, device=device)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
