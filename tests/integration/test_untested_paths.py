@@ -54,7 +54,7 @@ def test_public_api_after_importing_every_submodule_twice_in_one_process(tiny_mo
 def test_gradient_checkpointing_alone_and_with_lean_activations(tiny_model_dir, qa_data_dir, tmp_path, monkeypatch):
     """Both recompute every decoder layer and train the curve of the plain run (unpacked batches; this also checks
     lean == plain activations without packing)."""
-    import transformers.modeling_utils as ckpt  # gradient_checkpointing_enable binds this name
+    import transformers.modeling_utils as ckpt  # activation_checkpointing_enable binds this name
 
     calls = []
     real = ckpt.checkpoint
