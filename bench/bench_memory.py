@@ -210,6 +210,12 @@ def main(argv: list[str] | None = None) -> None:
             for row in estimate_gpu_modes(data_dir, Path(tmp)):
                 print(f"{row['mode']}: {row['line']}")
         return
+    import torch
+
+    if args.gpu and not torch.cuda.is_available():
+        print("bench_memory --gpu: no CUDA device here (the 8B-shaped run alone needs ~9 GiB of GPU memory); "
+              "run it on a GPU machine, or add --estimate_only for easysft's estimates.")
+        return
     steps = args.steps or (30 if args.gpu else 3)
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:

@@ -10,10 +10,7 @@
 # issue 18 is the next call: bash bench/gpu_memory_check.sh)
 set -u
 cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/gpu-check-out}
-PY=${PYTHON:-python3}
-mkdir -p "$OUT"
-source bench/gpu_env.sh
+source bench/gpu_env.sh  # sets OUT and PY, then the machine up
 # Only the files that hold `gpu` tests: collecting the whole suite would import test modules whose packages
 # (deepspeed, selenium, gguf) this machine does not have.
 timeout 180 $PY -m pytest -q -m gpu -p no:cacheprovider $(grep -rl "pytest.mark.gpu" tests) > "$OUT/gpu-tests.log" 2>&1

@@ -2,7 +2,11 @@
 # bench/prepare_gpu_carry.sh put in .gpu-carry/ into /tmp/site (no dependency resolution: the machine has the
 # rest), puts them ahead of the machine's own packages on PYTHONPATH (its transformers 5.17 is below easysft's
 # bound), and makes the carried SmolLM2 tokenizer the bundled one (that machine has no gguf to extract it).
-# Expects OUT and PY to be set; appends failures to $OUT/summary.txt.
+# Run from the repository root. OUT: where results go (the device tool sets it; default ./gpu-check-out); PY: the
+# Python that has torch (python3 there). Failures are appended to $OUT/summary.txt.
+OUT=${OUT:-$PWD/gpu-check-out}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
 SITE=/tmp/site
 if [ -d .gpu-carry/wheels ] && [ ! -d "$SITE/transformers" ]; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \

@@ -5,10 +5,7 @@
 # peak. Random-init models are written under /tmp/easysft-models (16 GB for the 8B one), never into $OUT.
 set -u
 cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/gpu-check-out}
-PY=${PYTHON:-python3}
-mkdir -p "$OUT"
-source bench/gpu_env.sh
+source bench/gpu_env.sh  # sets OUT and PY, then the machine up
 timeout 560 $PY -m bench.bench_memory --gpu --work_dir /tmp/easysft-models > "$OUT/bench_memory.log" 2>&1
 echo "bench_memory exit $?" | tee -a "$OUT/summary.txt"
 [ -f bench/results/memory-gpu.md ] && cp bench/results/memory-gpu.md "$OUT/memory-gpu.md"
