@@ -219,7 +219,8 @@ class TrainConfig:
             raise ConfigError(f"--attn_implementation {self.attn_implementation!r} is unknown; choose one of: "
                               f"{', '.join(ATTN_IMPLEMENTATIONS)}.")
         if self.bf16_weights and self.dtype not in ("bf16", "auto"):
-            raise ConfigError("--bf16_weights needs --dtype bf16 (it keeps the weights in bf16); add --dtype bf16.")
+            raise ConfigError("--bf16_weights needs --dtype bf16 or auto (it keeps the weights in bf16); drop --dtype "
+                              "or use --dtype bf16.")
         if self.max_nonfinite_steps < 1:
             raise ConfigError(f"--max_nonfinite_steps must be at least 1, got {self.max_nonfinite_steps}.")
         if self.optim not in OPTIMIZERS:
