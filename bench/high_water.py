@@ -35,7 +35,8 @@ def cuda_peaks() -> dict:
     torch = sys.modules.get("torch")
     if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return {}
-    return {"cuda_max_allocated": torch.cuda.max_memory_allocated(), "cuda_max_reserved": torch.cuda.max_memory_reserved()}
+    return {"cuda_max_allocated": torch.cuda.max_memory_allocated(),
+            "cuda_max_reserved": torch.cuda.max_memory_reserved()}
 
 
 def main() -> None:

@@ -60,12 +60,11 @@ class Plan:
         for spec in self.runs["single"]:  # in this process: one failing reference does not stop the others
             spec["env"].setdefault("EASYSFT_DATA_CACHE", str(cache))
             try:
-                ended_as_expected = run_all([spec]) == 0
+                error = None if run_all([spec]) == 0 else "an unexpected exit code (see captured stderr)"
             except Exception as exc:  # noqa: BLE001 -- reported to the tests of this run's group
-                ended_as_expected, spec = False, {**spec, "error": repr(exc)}
-            if not ended_as_expected:
-                self._fail(spec, f"single-process run {spec['argv']} did not end as expected "
-                                 f"{spec.get('error', '(see captured stderr)')}")
+                error = repr(exc)
+            if error:
+                self._fail(spec, f"single-process run {spec['argv']} did not end as expected: {error}")
         env = launch_env(cache)
         for launcher, cmd in (("torchrun", torchrun_cmd), ("deepspeed", deepspeed_cmd)):
             if not self.runs[launcher]:
