@@ -112,7 +112,10 @@ def read_meta(folder: str | Path) -> dict:
     return _read_json_file(path)
 
 
-def load_tokenizer(path: str, *, trust_remote_code: bool = False):
+def load_tokenizer(path: str, *, trust_remote_code: bool = False, chat_template: str | None = None):
+    """The tokenizer at ``path`` (pad = EOS when it has no pad token). ``chat_template``: a Jinja file that
+    replaces its chat template (``--chat_template``); ``save_pretrained`` then saves that template with the
+    model, so everything that loads the trained model renders as training did."""
     from transformers import AutoTokenizer
 
     try:
@@ -123,6 +126,13 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
         raise ModelError(f"the tokenizer at {path} has no EOS token; easysft needs one to end answers.")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if chat_template is not None:
+        try:
+            with open(chat_template, encoding="utf-8") as handle:
+                tokenizer.chat_template = handle.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ModelError(f"--chat_template {chat_template}: cannot read it as UTF-8 text ({exc}).") from None
+        tokenizer.easysft_chat_template_path = chat_template  # names the template in data errors
     return tokenizer
 
 
@@ -154,6 +164,11 @@ def load_model(
         from easysft.models.quantize import quantized_load_kwargs
 
         kwargs = quantized_load_kwargs(quantization, double_quant=double_quant, device=device or torch.device("cpu"))
+    # transformers >= 5.25 turns hub kernels on by default when the `kernels` package is installed, and then every
+    # train()/eval() switch re-runs kernels' kernelize, which pops the instance `forward` of each hub-kernel layer
+    # (LlamaRMSNorm...): easysft's lean forwards (kernels/lean_ops.py) silently vanish after the first eval, and
+    # a compiled model recompiles. 5.24's default, kept on every version.
+    kwargs["use_kernels"] = False
     try:
         model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     except ValueError as exc:
@@ -163,6 +178,10 @@ def load_model(
         ) from None
     except OSError as exc:
         raise ModelError(f"cannot load model weights from {path}: {str(exc).splitlines()[0]}") from None
+    if quantization and quantization != "none":
+        from easysft.models.quantize import keep_trainable_layout
+
+        keep_trainable_layout(model)  # before the first eval-mode forward (the probe below) can repack weights
     assert_causal(model, path)
     if adapter_path is not None:
         from peft import PeftModel

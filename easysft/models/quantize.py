@@ -65,6 +65,32 @@ def quantized_load_kwargs(quantization: str, *, double_quant: bool, device: torc
             "device_map": {"": target}}
 
 
+def keep_trainable_layout(model: torch.nn.Module) -> int:
+    """Keep every bitsandbytes 4-bit layer of ``model`` in the weight layout training uses; the number of layers.
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50's ``Linear4bit.forward`` called in eval mode on an input without
+    gradient (our causal probe at load time, every evaluation) repacks the layer's weight IN PLACE into an
+    inference-only CPU layout (``_convert_weight_packed_for_cpu``, ``quant_state.packing_format_for_cpu``):
+    - a layer whose in_features is not a multiple of the block size (64) crashes there ("shape '[32, 0]' is
+      invalid for input of size 16" for a model with hidden size 32);
+    - every later forward, in training too, goes through ``gemv_4bit``, which has no autograd formula: the
+      gradient to the layer's input is silently dropped, so the LoRA adapters below it train on wrong gradients;
+    - every ``state_dict()`` (PEFT loading or saving an adapter, a checkpoint) unpacks the layer first, and the
+      inverse (``_convert_weight_packed_for_cpu_inverse``, bitsandbytes 0.49.2 to 0.50.2; 0.48 has no repack)
+      leaves the block scales transposed in bf16 unless ``--double_quant``: the layer dequantizes with the wrong
+      scale per block (weight error 0.24 of its norm instead of NF4's 0.09), and each unpack/repack scrambles
+      it further.
+    The layer decides once, at construction, from ``support_avx512bf16_for_cpu``; switching it off keeps the
+    ordinary NF4 path (the one CUDA and CPUs without AVX512-BF16 always take), with the same results.
+    """
+    count = 0
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit" and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
 def count_quantized_layers(model: torch.nn.Module) -> int:
     """How many bitsandbytes 4-bit / 8-bit linear layers ``model`` holds (0 for an unquantized model)."""
     return sum(1 for m in model.modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt"))

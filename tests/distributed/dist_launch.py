@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -62,24 +63,69 @@ def run(cmd: list[str], env: dict[str, str], timeout_s: float = 900) -> Finished
     return Finished(proc.returncode, proc.stdout, time.time())
 
 
+@dataclass
+class Job:
+    """What ``run_many`` learned: the launches' result, and how each run ended."""
+
+    finished: Finished  # the last launch's exit code; the output of every launch of the job
+    done: set[int]  # the runs every rank ended as expected
+    failed: dict[int, str]  # run index -> why it did not end as expected, per rank (for runs that started)
+    launches: int  # 1 unless the job ended early and a new launch ran the remaining runs
+
+    def run_output(self, index: int) -> str:
+        """The part of the output that run ``index`` wrote (from its first "started" line to the next run's)."""
+        lines = self.finished.output.splitlines()
+        starts = [n for n, line in enumerate(lines) if re.search(rf"driver: rank \d+: run {index} started", line)]
+        if not starts:
+            return ""
+        after = [n for n, line in enumerate(lines[starts[0]:], starts[0])
+                 if (m := re.search(r"driver: rank \d+: run (\d+) started", line)) and int(m.group(1)) > index]
+        return "\n".join(lines[starts[0]:after[0] if after else len(lines)])
+
+
 def run_many(launcher: list[str], runs: list, workdir: Path, env: dict[str, str], timeout_s: float = 900,
-             nproc: int = 2) -> tuple[Finished, set[int]]:
-    """Run several ``easysft train`` argument lists one after another in ONE launch (see driver.py); the job's
-    result and the indexes of the runs every one of the ``nproc`` ranks finished as expected. A job past
-    ``timeout_s`` is killed and reported as exit code -9 with the output it had written."""
+             nproc: int = 2) -> Job:
+    """Run several ``easysft train`` argument lists one after another in ONE launch (see driver.py): a run that
+    fails is recorded and the next one starts. Should the job itself end early (a rank died outright, or did not
+    report after a failure), a new launch runs the runs that had not started, while the job's time lasts. A job
+    past ``timeout_s`` is killed and reported as exit code -9 with the output it had written."""
+    from tests.distributed.driver import read_records
+
     runs_file = workdir / f"runs-{len(list(workdir.glob('runs-*.json')))}.json"
     runs_file.write_text(json.dumps(runs), encoding="utf-8")
-    done_file = runs_file.with_suffix(".done")
-    try:
-        finished = run([*launcher, str(DRIVER), str(runs_file), "--done", str(done_file)], env, timeout_s)
-    except subprocess.TimeoutExpired as exc:
-        output = exc.output.decode(errors="replace") if isinstance(exc.output, bytes) else exc.output or ""
-        finished = Finished(-9, f"{output}\n(killed after {timeout_s:.0f} s)", time.time())
-    per_rank = []
-    for rank in range(nproc):
-        path = Path(f"{done_file}.rank{rank}")
-        per_rank.append({int(line) for line in path.read_text().split()} if path.is_file() else set())
-    return finished, set.intersection(*per_rank)
+    record = runs_file.with_suffix(".record")
+    deadline = time.monotonic() + timeout_s
+    start, outputs, launches = 0, [], 0
+    while True:
+        launches += 1
+        cmd = [*launcher, str(DRIVER), str(runs_file), "--driver-record", str(record),
+               "--driver-launch", str(launches), "--driver-start", str(start)]
+        left = deadline - time.monotonic()
+        try:
+            finished = run(cmd, env, left)
+        except subprocess.TimeoutExpired as exc:
+            output = exc.output.decode(errors="replace") if isinstance(exc.output, bytes) else exc.output or ""
+            finished = Finished(-9, f"{output}\n(killed after {timeout_s:.0f} s)", time.time())
+        outputs.append(finished.output)
+        records = read_records(str(record), nproc)
+        started = [e["index"] for entries in records for e in entries if e.get("event") == "start"]
+        nxt = max(started, default=start - 1) + 1
+        if nxt >= len(runs) or nxt <= start or finished.returncode == -9 or deadline - time.monotonic() < 60:
+            break  # all started; or no progress, or no time left: what did not start is reported as such
+        outputs.append(f"run_many: the job ended (exit {finished.returncode}) before run {nxt} started; "
+                       f"launching runs {nxt}.. again")
+        start = nxt
+    finished = Finished(finished.returncode, "\n".join(outputs), finished.ended_at)
+    ends = [{e["index"]: e for e in entries if e.get("event") == "end"} for entries in records]
+    starts = {e["index"] for entries in records for e in entries if e.get("event") == "start"}
+    done = {i for i in range(len(runs)) if all(i in per_rank and per_rank[i]["ok"] for per_rank in ends)}
+    failed = {}
+    for index in sorted(starts - done):
+        why = [f"rank {rank}: " + (per_rank[index]["why"] if index in per_rank
+                                   else f"did not end it (the launch ended with exit {finished.returncode})")
+               for rank, per_rank in enumerate(ends) if not per_rank.get(index, {}).get("ok")]
+        failed[index] = "; ".join(why)
+    return Job(finished, done, failed, launches)
 
 
 def read_losses(output_dir: str | Path) -> list[float]:

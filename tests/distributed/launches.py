@@ -8,10 +8,13 @@ ONE deepspeed job, each running its command lines one after another through test
 same ``easysft.cli.main`` a user's command line reaches). A module then reads its outputs under
 ``launched.folder(name)``. Runs that must crash a job (test_faults.py) keep their own launches.
 
-A run that ends with an unexpected exit code stops its job (the runs after it are not started). Runs are grouped
-by the first folder under the plan's root in their ``--output_dir`` (a module's ``folder(name)``): the runs of a
-group that all finished serve their tests as usual, and ``folder(name)`` of a group with a failed or unstarted
-run fails the test with the job's output, whose last lines name the failing run.
+A run that does not end as expected (an unexpected exit code, an exception, a crash on one rank) does not stop
+its job: the driver records it and goes on with the next run (driver.py says how a failure on one rank is kept
+from hanging the others and from leaving a broken process group to the next run). Runs are grouped by the first
+folder under the plan's root in their ``--output_dir`` (a module's ``folder(name)``): the runs of a group that all
+ended as expected serve their tests as usual, and ``folder(name)`` of a group with a failed run fails its tests
+with a message naming that run, how it ended on each rank, and the output it wrote. Runs that never started (the
+job ran out of time) fail their group's tests with the job's output.
 """
 
 from __future__ import annotations
@@ -32,14 +35,16 @@ class Plan:
     def __init__(self, root: Path, model_dir: str):
         self.root, self.model_dir = root, model_dir
         self.runs: dict[str, list] = {name: [] for name in LAUNCHERS}
-        self.failures: dict[str, str] = {}  # group (folder name) -> why its runs cannot be used
+        self.failures: dict[str, list[tuple[str, str, str]]] = {}  # group (folder) -> [(run, how, its output)]
         self.ran = False
 
     def folder(self, name: str) -> Path:
         """``root/name`` (created); once the runs have been trained, a test fails here if one of its runs did not
         finish as expected."""
         if self.ran and name in self.failures:
-            pytest.fail(self.failures[name], pytrace=False)
+            (run, _, output), failures = self.failures[name][0], self.failures[name]
+            pytest.fail("\n".join(f"{r} {how}" for r, how, _ in failures) + f"\n--- the output of {run}:\n{output}",
+                        pytrace=False)
         path = self.root / name
         path.mkdir(parents=True, exist_ok=True)
         return path
@@ -54,30 +59,32 @@ class Plan:
         self.runs[launcher].append({"argv": list(argv), "env": dict(env or {}), "expect": expect})
 
     def run(self) -> None:
-        from tests.distributed.driver import run_all
+        from tests.distributed.driver import run_one
 
         cache = self.root / "data-cache"
         for spec in self.runs["single"]:  # in this process: one failing reference does not stop the others
             spec["env"].setdefault("EASYSFT_DATA_CACHE", str(cache))
-            try:
-                error = None if run_all([spec]) == 0 else "an unexpected exit code (see captured stderr)"
-            except Exception as exc:  # noqa: BLE001 -- reported to the tests of this run's group
-                error = repr(exc)
-            if error:
-                self._fail(spec, f"single-process run {spec['argv']} did not end as expected: {error}")
+            outcome = run_one(spec)
+            if not outcome.ok:
+                self._fail(spec, "single-process run", f"{spec['argv']} did not end as expected: {outcome.why}",
+                           "(in the test process: see the captured stderr of the test's set-up)")
         env = launch_env(cache)
         for launcher, cmd in (("torchrun", torchrun_cmd), ("deepspeed", deepspeed_cmd)):
             if not self.runs[launcher]:
                 continue
-            finished, done = run_many(cmd(2), self.runs[launcher], self.root, env, LAUNCH_TIMEOUT_S)
+            job = run_many(cmd(2), self.runs[launcher], self.root, env, LAUNCH_TIMEOUT_S)
             for index, spec in enumerate(self.runs[launcher]):
-                if index not in done:
-                    self._fail(spec, f"{launcher} job (exit {finished.returncode}) did not finish run {index} "
-                                     f"{spec['argv']}; its output:\n{finished.output[-6000:]}")
+                if index in job.failed:
+                    self._fail(spec, f"{launcher} run {index}", f"{spec['argv']} did not end as expected: "
+                                     f"{job.failed[index]}", job.run_output(index)[-6000:])
+                elif index not in job.done:
+                    self._fail(spec, f"{launcher} run {index}", f"{spec['argv']} did not start: the job (exit "
+                                     f"{job.finished.returncode}) ended before it", job.finished.output[-6000:])
         self.ran = True
 
-    def _fail(self, spec: dict, message: str) -> None:
-        self.failures.setdefault(self.group(spec), message)  # the first failure of a group is the one to read
+    def _fail(self, spec: dict, run: str, how: str, output: str) -> None:
+        """Every failed run of a group is named in its tests' message; the first one's output follows."""
+        self.failures.setdefault(self.group(spec), []).append((run, how, output))
 
 
 def launch_all(modules, root: Path, model_dir: str) -> Plan:

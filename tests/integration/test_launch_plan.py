@@ -2,7 +2,7 @@
 the runs that finished serve their groups, a failed or unstarted run fails only the tests of its group.
 
 Checked without a second process where possible: the single-process runs go through the same bookkeeping, and
-``run_many`` is driven with plain ``python`` as its one-rank "launcher" (the done files are per rank either way).
+``run_many`` is driven with plain ``python`` as its one-rank "launcher" (the records are per rank either way).
 """
 
 from __future__ import annotations
@@ -32,12 +32,15 @@ def test_a_failed_run_fails_only_its_own_group(tiny_model_dir, tmp_path):
         plan.folder("bad")
 
 
-def test_run_many_reports_the_runs_every_rank_finished(tiny_model_dir, tmp_path):
+def test_run_many_goes_on_after_a_failed_run_and_reports_it(tiny_model_dir, tmp_path):
     data_dir = write_qa_folder(tmp_path / "data")
     runs = [_argv(tiny_model_dir, data_dir, tmp_path / "first"),
-            _argv(tiny_model_dir, data_dir, tmp_path / "second", "--learning_rate", "-1"),  # exits 2: stops the job
+            _argv(tiny_model_dir, data_dir, tmp_path / "second", "--learning_rate", "-1"),  # exits 2
             _argv(tiny_model_dir, data_dir, tmp_path / "third")]
-    finished, done = run_many([sys.executable], runs, tmp_path, launch_env(tmp_path / "cache"), nproc=1)
-    assert finished.returncode == 2 and done == {0}
-    assert "driver: run" in finished.output and "--learning_rate" in finished.output.splitlines()[-1]
-    assert (tmp_path / "first" / "model.safetensors").is_file() and not (tmp_path / "third").exists()
+    job = run_many([sys.executable], runs, tmp_path, launch_env(tmp_path / "cache"), nproc=1)
+    assert job.done == {0, 2} and list(job.failed) == [1] and job.launches == 1
+    assert "rank 0: exited 2, expected 0" in job.failed[1]
+    assert job.finished.returncode == 2  # the job still says that a run failed
+    assert "--learning_rate" in job.run_output(1) and "did not end as expected" in job.run_output(1)
+    assert "run 2 started" not in job.run_output(1)
+    assert (tmp_path / "first" / "model.safetensors").is_file() and (tmp_path / "third" / "model.safetensors").is_file()

@@ -76,7 +76,7 @@ def test_quantized_lora_trains_and_the_adapter_loads_on_both_bases(quantization,
     # lora_B starts at zero: every B is non-zero only if gradients flowed through the quantized layers below it.
     assert all(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)
     ids = tokenizer("Reverse the words: red green blue", return_tensors="pt").input_ids
-    logits = {}
+    effect = {}  # (base + adapter) - base, on each base
     for name, quant in (("plain", "none"), ("quantized", quantization)):
         model = load_model(wide_model_dir, adapter_path=str(adapter), quantization=quant)
         assert (count_quantized_layers(model) > 0) == (quant != "none")
@@ -85,15 +85,16 @@ def test_quantized_lora_trains_and_the_adapter_loads_on_both_bases(quantization,
         for key, value in saved.items():  # PEFT drops the adapter name in the file
             match = [v for k, v in loaded.items() if k.replace(".default", "") == key]
             assert match and torch.equal(match[0].float(), value.float()), key
+        base = load_model(wide_model_dir, quantization=quant)
         with torch.no_grad():
-            logits[name] = model(input_ids=ids).logits.float()
-    base = load_model(wide_model_dir)
-    with torch.no_grad():
-        base_logits = base(input_ids=ids).logits.float()
-    # The adapter moves the plain model away from the base, and the quantized base + adapter lands near it.
-    moved = (logits["plain"] - base_logits).abs().mean()
-    assert moved > 1e-3
-    assert (logits["quantized"] - logits["plain"]).abs().mean() < 0.5 * moved + 0.05
+            effect[name] = model(input_ids=ids).logits.float() - base(input_ids=ids).logits.float()
+    # The adapter moves the model, and moves it the same way on the quantized base as on the plain one, up to the
+    # quantization noise of the base layers it runs through. Measured, relative to the effect's size: 0.13-0.20 for
+    # NF4 (8 seeds), 0.03-0.04 for LLM.int8; an adapter switched off: 1.0, scaled 1.5x: 0.35-0.38; a quantized
+    # base corrupted by bitsandbytes' CPU repack (see quantize.keep_trainable_layout): 0.6-1.5.
+    assert effect["plain"].abs().mean() > 1e-2
+    error = (effect["quantized"] - effect["plain"]).norm() / effect["plain"].norm()
+    assert error < {"4bit": 0.3, "8bit": 0.1}[quantization], f"adapter effect differs by {error:.2f} of its size"
 
 
 def test_quantization_and_optimizer_combinations_that_cannot_run_are_one_line(tiny_model_dir, qa_data_dir,

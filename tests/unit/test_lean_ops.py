@@ -139,6 +139,20 @@ def test_untied_or_frozen_embeddings_keep_their_forward(tokenizer):
     assert apply_lean_ops(frozen) == 7 and "forward" not in vars(frozen.model.embed_tokens)
 
 
+def test_lean_forwards_survive_train_eval_switches_of_a_loaded_model(tiny_model_dir):
+    """transformers >= 5.25 enables hub kernels by default when `kernels` is installed, and re-kernelizes on
+    every train()/eval() switch, popping each RMSNorm's instance forward; load_model opts out."""
+    from easysft.models.load import load_model
+
+    model = load_model(tiny_model_dir)
+    assert apply_lean_ops(model) == 8
+    lean = [name for name, module in model.named_modules() if "forward" in vars(module)]
+    model.train()
+    model.eval()
+    model.train()
+    assert [name for name, module in model.named_modules() if "forward" in vars(module)] == lean
+
+
 def test_norm_output_recipes_leave_no_hooks_or_entries_behind(tokenizer):
     """The hooks are active only inside the model's forward (also when it raises), and an entry dies with the
     norm output it describes."""
