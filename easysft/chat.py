@@ -126,7 +126,8 @@ def run_chat(model_cfg, chat_cfg, given: dict) -> int:
 
     hf_logging.disable_progress_bar()  # no weight-loading bars in front of the first prompt
     resolved = resolve_model_path(model_cfg.model_name_or_path)
-    tokenizer = load_tokenizer(resolved.tokenizer_path, trust_remote_code=model_cfg.trust_remote_code)
+    tokenizer = load_tokenizer(resolved.tokenizer_path, trust_remote_code=model_cfg.trust_remote_code,
+                               chat_template=model_cfg.chat_template)
     settings = resolve_settings(resolved.meta, tokenizer, given)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(resolved.path, dtype=dtype_for_device(chat_cfg.dtype, device),

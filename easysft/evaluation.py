@@ -90,7 +90,8 @@ def evaluate_saved_model(model_cfg, data_cfg_values: dict, eval_cfg) -> EvalResu
     from easysft.models.meta import resolve_settings
 
     resolved = resolve_model_path(model_cfg.model_name_or_path)
-    tokenizer = load_tokenizer(resolved.tokenizer_path, trust_remote_code=model_cfg.trust_remote_code)
+    tokenizer = load_tokenizer(resolved.tokenizer_path, trust_remote_code=model_cfg.trust_remote_code,
+                               chat_template=model_cfg.chat_template)
     settings = resolve_settings(resolved.meta, tokenizer, data_cfg_values)
     saved = {"template": settings.template_spec, "max_prompt_len": settings.max_prompt_len,
              "max_ans_len": settings.max_ans_len}

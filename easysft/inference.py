@@ -82,7 +82,8 @@ def run_inference(model_cfg: ModelConfig, data_cfg: DataConfig, infer_cfg: Infer
     dist = DistInfo.from_env()
     init_process_group(dist)
     resolved = resolve_model_path(model_cfg.model_name_or_path)
-    tokenizer = load_tokenizer(resolved.tokenizer_path, trust_remote_code=model_cfg.trust_remote_code)
+    tokenizer = load_tokenizer(resolved.tokenizer_path, trust_remote_code=model_cfg.trust_remote_code,
+                               chat_template=model_cfg.chat_template)
     settings = G.resolve_settings(resolved.meta, tokenizer, given)
 
     unreadable: list = []  # rows the reader dropped (broken JSON line, missing column): counted in the note

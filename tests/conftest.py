@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -101,3 +102,34 @@ def launched(request, tmp_path_factory, tiny_model_dir):
 
     modules = [item.module for item in request.session.items if getattr(item, "module", None) is not None]
     return launch_all(modules, tmp_path_factory.mktemp("launched"), tiny_model_dir)
+
+
+TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
+CITIES = ["Paris", "Tokyo", "Lima", "Oslo", "Cairo", "Quito", "Delhi", "Perth"]
+
+
+def tool_conversation(k: int) -> dict:
+    """A small agent trajectory (tools, a tool call with string arguments, a tool result, reasoning, an answer,
+    and for odd k a second round), different for each k."""
+    city, temp = CITIES[k % len(CITIES)], 10 + (k * 7) % 20
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Current weather",
+                                               "parameters": {"type": "object",
+                                                              "properties": {"city": {"type": "string"}}}}},
+             {"name": "get_time", "description": "Local time", "parameters": {"type": "object", "properties": {}}}]
+    messages = [{"role": "user", "content": f"What is the weather in {city}?"},
+                {"role": "assistant", "content": "", "reasoning_content": f"Look up {city}.",
+                 "tool_calls": [{"id": f"c{k}", "type": "function",
+                                 "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}}]},
+                {"role": "tool", "tool_call_id": f"c{k}", "content": f"{temp}C"},
+                {"role": "assistant", "content": f"It is {temp}C in {city}."}]
+    if k % 2:
+        messages += [{"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "Glad to help."}]
+    return {"tools": tools, "messages": messages}
+
+
+@pytest.fixture
+def tool_data_file(tmp_path):
+    """A .jsonl of 8 tool-calling conversations and the ChatML-with-tools template to train them with."""
+    path = tmp_path / "tools.jsonl"
+    path.write_text("".join(json.dumps(tool_conversation(k)) + "\n" for k in range(8)), encoding="utf-8")
+    return str(path), str(TEMPLATES_DIR / "chatml_tools.jinja")

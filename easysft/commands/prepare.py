@@ -7,6 +7,7 @@ template, length flags and seed finds the cache entry and does no tokenization.
 from __future__ import annotations
 
 import os
+import sys
 
 from easysft.config import DataConfig, ModelConfig, PrepareConfig, add_dataclass_flags, from_flat_dict
 from easysft.config.paths import check_output_folder
@@ -32,9 +33,17 @@ def run(values: dict) -> int:
     from easysft.models.load import load_tokenizer, resolve_model_path
 
     resolved = resolve_model_path(model_cfg.model_name_or_path)
-    tokenizer = load_tokenizer(resolved.tokenizer_path, trust_remote_code=model_cfg.trust_remote_code)
+    tokenizer = load_tokenizer(resolved.tokenizer_path, trust_remote_code=model_cfg.trust_remote_code,
+                               chat_template=model_cfg.chat_template)
     data = prepare_data(data_cfg, tokenizer, seed=prepare_cfg.seed, debug=prepare_cfg.debug)
-    print(format_report(data.report))
+    as_json = prepare_cfg.show and prepare_cfg.show_format == "jsonl"
+    print(format_report(data.report), file=sys.stderr if as_json else sys.stdout)
+    if prepare_cfg.show:
+        from easysft.data.show import show_samples
+
+        for line in show_samples(tokenizer, data.train, prepare_cfg.show, fmt=prepare_cfg.show_format,
+                                 colour=sys.stdout.isatty()):
+            print(line)
     if prepare_cfg.output_dir:
         path = write_report(data.report, os.path.join(prepare_cfg.output_dir, "data_report.json"))
         print(f"report written to {path}")

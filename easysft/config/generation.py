@@ -220,6 +220,15 @@ class PrepareConfig:
     seed: int = field(default=1234, metadata=_help("Seed for the eval hold-out and --data_split."))
     debug: bool = field(default=False, metadata=_help("Only the first 64 train / 32 eval rows (as train --debug)."))
     output_dir: str | None = field(default=None, metadata=_help("Also write data_report.json into this folder."))
+    show: int = field(default=0, metadata=_help("Print the first N training samples with the supervised tokens "
+                                                "marked ([[...]], or green on a terminal)."))
+    show_format: str = field(default="text", metadata=_help("--show as 'text', or 'jsonl': one JSON object per "
+                                                             "sample (input_ids, labels with -100) on stdout, "
+                                                             "the report on stderr."))
 
     def __post_init__(self) -> None:
         normalise_fields(self)
+        if self.show is None or self.show < 0:
+            raise ConfigError(f"--show must be 0 or more samples, got {self.show}.")
+        if self.show_format not in ("text", "jsonl"):
+            raise ConfigError(f"--show_format must be 'text' or 'jsonl', got {self.show_format!r}.")

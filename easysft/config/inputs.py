@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from easysft.config.fields import _help
@@ -24,11 +25,19 @@ class ModelConfig:
     trust_remote_code: bool = field(
         default=False, metadata=_help("Allow model code from the checkpoint to run (off unless given).")
     )
+    chat_template: str | None = field(
+        default=None,
+        metadata=_help("A Jinja chat template file that replaces the tokenizer's own (prepare, train, eval, infer, "
+                       "chat); it is saved with the trained model, so inference renders as training did.",
+                       resume_sensitive=True),
+    )
 
     def __post_init__(self) -> None:
         normalise_fields(self)
         if not self.model_name_or_path:
             raise ConfigError("--model_name_or_path is empty: give a folder, a hub id, or 'bundled'.")
+        if self.chat_template is not None and not os.path.isfile(self.chat_template):
+            raise ConfigError(f"--chat_template {self.chat_template}: no such file; give a Jinja chat template file.")
 
 
 @dataclass
@@ -66,7 +75,27 @@ class DataConfig:
     )
     strict: bool = field(default=False, metadata=_help("Fail on the first row that cannot make a sample."))
     multi_turn: bool = field(
-        default=False, metadata=_help("Chat data: supervise every assistant turn, not only the last one.")
+        default=False, metadata=_help("Chat data with --template qa or a custom string: one sample per assistant "
+                                      "turn. (With --template chat a conversation is always one sample: "
+                                      "see --train_on.)")
+    )
+    train_on: str = field(
+        default="all",
+        metadata=_help("Conversations (--template chat): supervise 'all' assistant turns of the one sample, or "
+                       "only the 'last'. An assistant message with \"weight\": 0 is never supervised.",
+                       resume_sensitive=True),
+    )
+    reasoning: str = field(
+        default="train",
+        metadata=_help("Reasoning of assistant turns (reasoning_content/reasoning/thinking, or <think> blocks): "
+                       "'train' renders and supervises it, 'mask' renders it unsupervised, 'drop' removes it.",
+                       resume_sensitive=True),
+    )
+    max_seq_len: int | None = field(
+        default=None,
+        metadata=_help("Most tokens of a conversation sample (default: --max_prompt_len + --max_ans_len); longer "
+                       "conversations drop whole rounds from the front, keeping the system prompt and tools.",
+                       resume_sensitive=True),
     )
     cache_dir: str | None = field(
         default=None,
@@ -104,6 +133,12 @@ class DataConfig:
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"--eval_fraction must be in [0, 1), got {self.eval_fraction}.")
         parse_data_split(self.data_split)
+        if self.train_on not in ("all", "last"):
+            raise ConfigError(f"--train_on must be 'all' or 'last', got {self.train_on!r}.")
+        if self.reasoning not in ("train", "mask", "drop"):
+            raise ConfigError(f"--reasoning must be 'train', 'mask' or 'drop', got {self.reasoning!r}.")
+        if self.max_seq_len is not None and self.max_seq_len < 2:
+            raise ConfigError(f"--max_seq_len must be at least 2, got {self.max_seq_len}.")
         for name in ("max_train_rows", "max_eval_rows"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -131,6 +166,11 @@ class DataConfig:
         if bad:
             raise ConfigError(f"--data_weights {bad[0]:g}: every weight must be a positive number; drop a source "
                               "from --data_path instead of giving it weight 0.")
+
+
+def conversation_max_len(data_cfg) -> int:
+    """``--max_seq_len``, or by default ``--max_prompt_len + --max_ans_len``."""
+    return data_cfg.max_seq_len or data_cfg.max_prompt_len + data_cfg.max_ans_len
 
 
 def parse_data_split(text: str) -> list[float]:

@@ -42,6 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from easysft.data.conversations import ROLES as CONVERSATION_ROLES
 from easysft.data.tokenize import Skip
 from easysft.errors import DataError
 
@@ -97,17 +98,8 @@ def _alpaca(record: dict, multi_turn: bool) -> list[Turns] | Skip:
 # ------------------------------------------------------------------------------------------------------
 # Dialogues
 
-_ROLES = {
-    "system": "system",
-    "user": "user",
-    "human": "user",
-    "assistant": "assistant",
-    "gpt": "assistant",
-    "chatgpt": "assistant",
-    "bard": "assistant",
-    "bing": "assistant",
-    "model": "assistant",
-}
+# The conversation roles that prompt/answer dialogues know (tool turns need --template chat).
+_ROLES = {name: role for name, role in CONVERSATION_ROLES.items() if role != "tool" and name != "function_call"}
 
 
 def split_dialogue(turns: list[dict], multi_turn: bool = False) -> list[Turns] | Skip:
@@ -144,6 +136,9 @@ def _chat_list(column: str, role_key: str, content_key: str) -> Adapter:
             role = item.get(role_key, item.get("role", item.get("from")))
             content = item.get(content_key, item.get("content", item.get("value")))
             normal = _ROLES.get(str(role).lower()) if isinstance(role, str) else None
+            if normal is None and isinstance(role, str) and role.lower() in CONVERSATION_ROLES:
+                return Skip("unparseable_dialogue", f"{column}[{position}] is a {role!r} turn: tool calls and "
+                                                    "results are read with --template chat only")
             if normal is None:
                 return Skip("unparseable_dialogue", f"{column}[{position}] has unknown role {role!r}")
             turns.append({"role": normal, "content": content})

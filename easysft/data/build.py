@@ -17,7 +17,9 @@ from __future__ import annotations
 import os
 import sys
 
+from easysft.config.inputs import conversation_max_len
 from easysft.data import pieces
+from easysft.data.chat_render import ChatRenderer, ConversationOptions
 from easysft.data.pieces import Context, Runner, scan_task, tokenize_task
 from easysft.data.readers import format_location
 from easysft.data.report import SourceStats, build_report
@@ -54,8 +56,12 @@ def build_entry(writer, data_cfg, tokenizer, template, *, seed: int, limits: tup
     """Tokenize every source into ``writer`` (a :class:`~easysft.data.cache.EntryWriter`); return the report."""
     plans = [open_source(path) for path in data_cfg.data_path]
     segments = [segment for plan in plans for segment in plan.segments]
+    renderer = None
+    if template.kind == "chat":
+        renderer = ChatRenderer(tokenizer, ConversationOptions(data_cfg.train_on, data_cfg.reasoning,
+                                                               conversation_max_len(data_cfg)))
     pieces.set_context(Context(tokenizer, template, data_cfg.max_prompt_len, data_cfg.max_ans_len,
-                               data_cfg.multi_turn, segments))
+                               data_cfg.multi_turn, segments, renderer))
     try:
         with Runner(resolve_num_proc(data_cfg)) as runner:
             for index, segment in enumerate(segments):

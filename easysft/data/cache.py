@@ -32,7 +32,7 @@ from easysft.data.samples import SampleView, SplitWriter
 from easysft.errors import DataError
 
 # Bump when adapters, tokenization or the stored format change what an entry holds.
-CACHE_FORMAT = 2  # 2: raw .bin arrays written in chunks, read as memory maps
+CACHE_FORMAT = 3  # 2: raw .bin arrays written in chunks, read as memory maps; 3: a conversation is one sample
 DEFAULT_WAIT_S = 3600.0
 # A failure note older than this (before the waiter started) belongs to an earlier run and is ignored.
 FAILURE_NOTE_GRACE_S = 120.0

@@ -25,6 +25,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from easysft.config.inputs import conversation_max_len
 from easysft.data import cache
 from easysft.data.build import build_entry
 from easysft.data.mixing import MixPlan
@@ -75,6 +76,9 @@ def cache_key_parts(data_cfg, tokenizer, template: Template, *, seed: int, debug
         "max_train_rows": max_train,
         "max_eval_rows": max_eval,
         "multi_turn": data_cfg.multi_turn,
+        "train_on": data_cfg.train_on,
+        "reasoning": data_cfg.reasoning,
+        "max_seq_len": conversation_max_len(data_cfg),
         "strict": data_cfg.strict,
     }
 

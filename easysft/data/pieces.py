@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from easysft.data.chat_render import CONVERSATION_COUNTERS, ChatRenderer
+from easysft.data.conversations import read_conversation
 from easysft.data.readers import RawRecord
 from easysft.data.segments import (
     EVAL,
@@ -51,6 +53,8 @@ class Piece:
     prompt_truncated: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     answer_truncated: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     skips: list[tuple] = field(default_factory=list)
+    # Conversation samples: one row of CONVERSATION_COUNTERS per sample (zeros for prompt/answer samples).
+    conversation: np.ndarray = field(default_factory=lambda: np.zeros((0, len(CONVERSATION_COUNTERS)), np.int64))
 
     def head(self, records: int) -> Piece:
         """Only the first ``records`` records (a row limit that ends inside this chunk)."""
@@ -61,7 +65,7 @@ class Piece:
         return Piece(records, self.record_ends[:records], self.ids[:tokens], self.mask[:tokens],
                      self.sample_lens[:samples], self.prompt_lens[:samples], self.answer_lens[:samples],
                      self.prompt_truncated[:samples], self.answer_truncated[:samples],
-                     [s for s in self.skips if s[0] < records])
+                     [s for s in self.skips if s[0] < records], self.conversation[:samples])
 
 
 @dataclass
@@ -74,6 +78,7 @@ class Context:
     max_ans_len: int
     multi_turn: bool
     segments: list = field(default_factory=list)
+    renderer: ChatRenderer | None = None  # conversations are one sample each (--template chat)
 
 
 _CONTEXT: Context | None = None
@@ -110,16 +115,41 @@ def tokenize_task(task: tuple) -> dict[int, Piece]:
             for split in (TRAIN, EVAL)}
 
 
+CONVERSATION_LAYOUTS = {"messages": ("messages", "role", "content"), "sharegpt": ("conversations", "from", "value")}
+
+
+def _conversation_rows(record: RawRecord, layout, ctx: Context) -> list:
+    """One record of a conversation layout -> ``[sample dict]`` or ``[SkippedRow]`` (one sample per
+    conversation, labelled by :class:`~easysft.data.chat_render.ChatRenderer`)."""
+    value = record.value
+    if isinstance(value, Skip) or not isinstance(value, dict):
+        return record_rows(record, layout, False)
+    conversation = read_conversation(value, *CONVERSATION_LAYOUTS[layout.name])
+    out = conversation if isinstance(conversation, Skip) else ctx.renderer.tokenize(conversation)
+    if isinstance(out, Skip):
+        return [SkippedRow(out.reason, out.detail, record.source, record.row)]
+    return [out]
+
+
 def _tokenize_split(records: list[RawRecord], layout, ctx: Context) -> Piece:
+    if ctx.renderer is not None and layout is not None and layout.name in CONVERSATION_LAYOUTS:
+        per_record = [_conversation_rows(record, layout, ctx) for record in records]
+        return _collect(per_record, lambda row: row)
     per_record = [record_rows(record, layout, ctx.multi_turn) for record in records]
     examples = [row for rows in per_record for row in rows if not isinstance(row, SkippedRow)]
     outputs = iter(tokenize_examples(ctx.tokenizer, [(e.prompt, e.answer, e.context) for e in examples],
                                      max_prompt_len=ctx.max_prompt_len, max_ans_len=ctx.max_ans_len,
                                      template=ctx.template))
+    return _collect(per_record, lambda row: row if isinstance(row, SkippedRow) else next(outputs))
+
+
+def _collect(per_record: list[list], result) -> Piece:
+    """The Piece of records whose rows are ``per_record``; ``result(row)`` is a row's sample dict, Skip or
+    SkippedRow (called once per row, in order)."""
     samples, skips, ends = [], [], []
     for position, rows in enumerate(per_record):
         for row in rows:
-            out = row if isinstance(row, SkippedRow) else next(outputs)
+            out = result(row)
             if isinstance(out, SkippedRow):
                 skips.append((position, out.reason, out.detail, out.source, out.row))
             elif isinstance(out, Skip):
@@ -127,7 +157,7 @@ def _tokenize_split(records: list[RawRecord], layout, ctx: Context) -> Piece:
             else:
                 samples.append(out)
         ends.append(len(samples))
-    return _piece(len(records), ends, samples, skips)
+    return _piece(len(per_record), ends, samples, skips)
 
 
 def _piece(num_records: int, ends: list[int], samples: list[dict], skips: list[tuple]) -> Piece:
@@ -144,6 +174,9 @@ def _piece(num_records: int, ends: list[int], samples: list[dict], skips: list[t
         prompt_truncated=np.array([s["prompt_truncated"] for s in samples], dtype=bool),
         answer_truncated=np.array([s["answer_truncated"] for s in samples], dtype=bool),
         skips=skips,
+        conversation=np.array([[s["conversation"][name] for name in CONVERSATION_COUNTERS] if "conversation" in s
+                               else [0] * len(CONVERSATION_COUNTERS) for s in samples],
+                              dtype=np.int64).reshape(len(samples), len(CONVERSATION_COUNTERS)),
     )
 
 

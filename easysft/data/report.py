@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from easysft.data.chat_render import CONVERSATION_COUNTERS
 from easysft.data.tokenize import SKIP_REASONS
 from easysft.files import write_json_atomic
 
@@ -96,6 +97,7 @@ class SplitStats:
     sample_lens: Counter = field(default_factory=Counter)
     num_tokens: int = 0
     num_supervised_tokens: int = 0
+    conversation: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CONVERSATION_COUNTERS, 0))
 
     def add_skip(self, reason: str, location: str, detail: str = "") -> None:
         self.skipped[reason] += 1
@@ -125,6 +127,8 @@ class SplitStats:
         self.truncated_prompts += int(piece.prompt_truncated.sum())
         self.truncated_answers += int(piece.answer_truncated.sum())
         self.num_supervised_tokens += int(piece.mask.sum())
+        for name, total in zip(CONVERSATION_COUNTERS, piece.conversation.sum(axis=0).tolist(), strict=True):
+            self.conversation[name] += int(total)
 
     def merge(self, other: SplitStats) -> None:
         self.rows += other.rows
@@ -140,6 +144,8 @@ class SplitStats:
         self.sample_lens.update(other.sample_lens)
         self.num_tokens += other.num_tokens
         self.num_supervised_tokens += other.num_supervised_tokens
+        for name, count in other.conversation.items():
+            self.conversation[name] += count
 
     def to_dict(self) -> dict:
         num_tokens = self.num_tokens
@@ -160,6 +166,7 @@ class SplitStats:
             "prompt_tokens_hist": length_histogram(self.prompt_lens),
             "answer_tokens_hist": length_histogram(self.answer_lens),
             "sample_tokens_hist": length_histogram(self.sample_lens),
+            "conversation": dict(self.conversation),
         }
 
 
@@ -221,6 +228,13 @@ def format_report(report: dict) -> str:
             lines.append(f"  skipped ({split}): {_skip_text(s)}")
             for reason, where in s["first_skipped"].items():
                 lines.append(f"    first {reason}: {where}")
+    for split in ("train", "eval"):
+        c = report[split].get("conversation") or {}
+        if c.get("turns_supervised"):
+            lines.append(f"  conversations ({split}): {c['turns_supervised']} assistant turns supervised, "
+                         f"{c['reasoning_tokens']} reasoning tokens supervised, {c['reasoning_lost_turns']} turns "
+                         f"lost their reasoning to the template, {c['dropped_turns']} turns dropped to fit "
+                         f"--max_seq_len, {report[split]['skipped'].get('too_long', 0)} too long")
     lines.append("  sources:")
     for source in report["sources"]:
         t, e = source["train"], source["eval"]
@@ -250,6 +264,11 @@ def data_notices(report: dict) -> list[str]:
             first = "; ".join(f"first {r}: {w}" for r, w in s["first_skipped"].items())
             notices.append(f"easysft: note: {s['skipped_total']} of {s['rows']} {split} rows skipped "
                            f"({_skip_text(s)}; layout {layouts}; {first}); see data_report.json.")
+    mismatches = report["train"].get("conversation", {}).get("prefix_mismatches", 0)
+    if mismatches:
+        notices.append(f"easysft: warning: in {mismatches} assistant turn(s) the prompt inference builds is not a "
+                       "token prefix of the training rendering (the chat template renders earlier turns "
+                       "differently once later turns exist); see `easysft prepare --show` and --chat_template.")
     if report["eval"]["kept"] == 0:
         origins = "; ".join(src["eval_origin"] for src in report["sources"])
         notices.append(f"easysft: note: no eval sample ({origins}): no evaluation will run; add an eval.json "

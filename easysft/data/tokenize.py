@@ -1,4 +1,4 @@
-"""The ONLY place that truncates and builds labels.
+"""The ONLY place that truncates and labels prompt/answer pairs (conversations: :mod:`easysft.data.chat_render`).
 
 Rules (docs/ARCHITECTURE.md, correctness rules):
 
@@ -28,6 +28,8 @@ SKIP_REASONS = (
     "empty_answer",  # answer is empty or whitespace
     "no_supervised_tokens",  # nothing left to supervise after tokenization/truncation
     "unparseable_dialogue",  # a dialogue/chat row with no final assistant turn
+    "too_long",  # a conversation whose last round does not fit --max_seq_len
+    "control_token_in_text",  # data text spelling a control token of the tokenizer (it would become that token)
 )
 
 

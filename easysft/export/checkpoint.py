@@ -33,7 +33,8 @@ def load_for_export(model_cfg: ModelConfig, merge: bool):
     from easysft.models.load import load_model, load_tokenizer, resolve_model_path
 
     resolved = resolve_model_path(model_cfg.model_name_or_path)
-    tokenizer = load_tokenizer(resolved.tokenizer_path, trust_remote_code=model_cfg.trust_remote_code)
+    tokenizer = load_tokenizer(resolved.tokenizer_path, trust_remote_code=model_cfg.trust_remote_code,
+                               chat_template=model_cfg.chat_template)
     # Load (and merge) in fp32: folding B @ A into bf16 weights would round the small LoRA update away.
     model = load_model(resolved.path, dtype="fp32", trust_remote_code=model_cfg.trust_remote_code,
                        adapter_path=resolved.adapter_path)

@@ -107,7 +107,8 @@ def score_saved_model(model_cfg, data_cfg, eval_cfg, given: dict, user_metric: U
     from easysft.models.meta import resolve_settings
 
     resolved = resolve_model_path(model_cfg.model_name_or_path)
-    tokenizer = load_tokenizer(resolved.tokenizer_path, trust_remote_code=model_cfg.trust_remote_code)
+    tokenizer = load_tokenizer(resolved.tokenizer_path, trust_remote_code=model_cfg.trust_remote_code,
+                               chat_template=model_cfg.chat_template)
     settings = resolve_settings(resolved.meta, tokenizer, given)
     examples = usable_rows(load_examples(data_cfg.data_path, split=eval_cfg.split, eval_fraction=data_cfg.eval_fraction,
                                          seed=eval_cfg.seed, data_split=data_cfg.data_split,

@@ -12,11 +12,12 @@ ROWS = [("short?", "yes"), ("a much longer prompt with many more words in it", "
         ("mid prompt", "mid"), ("Reverse the words: red green blue", "blue green red")]
 
 
-def _train(model_dir, data_dir, out, **train_kwargs):
+def _train(model_dir, data_dir, out, chat_template=None, **train_kwargs):
     from easysft.config import DataConfig, ModelConfig, TrainConfig
     from easysft.training.loop import train
 
-    return train(ModelConfig(model_name_or_path=model_dir), DataConfig(data_path=[data_dir]),
+    data = DataConfig(data_path=[data_dir], template="chat" if chat_template else "qa")
+    return train(ModelConfig(model_name_or_path=model_dir, chat_template=chat_template), data,
                  TrainConfig(output_dir=str(out), tensorboard=False, **train_kwargs))
 
 
@@ -58,10 +59,14 @@ def test_packed_training_is_deterministic(tiny_model_dir, qa_data_dir, tmp_path)
     assert a.losses == b.losses and len(a.losses) == 4
 
 
-def test_default_packing_packs_each_unpacked_micro_batch(tiny_model_dir, qa_data_dir, tmp_path):
+@pytest.mark.parametrize("data", ["qa", "tool conversations"])
+def test_default_packing_packs_each_unpacked_micro_batch(data, tiny_model_dir, qa_data_dir, tool_data_file, tmp_path):
     """Without --packing_max_tokens, step k packs exactly the samples of unpacked step k: same per-step losses
-    and weights as padded training with batch 2 (a real shuffle, 4 steps), with no padding token processed."""
+    and weights as padded training with batch 2 (a real shuffle, 4 steps), with no padding token processed; for
+    prompt/answer rows and for multi-turn tool-calling conversations (one sample each, every turn supervised)."""
     common = dict(max_steps=4, learning_rate=1e-3, seed=5, per_device_train_batch_size=2)
+    if data != "qa":
+        qa_data_dir, common["chat_template"] = tool_data_file
     padded = _train(tiny_model_dir, qa_data_dir, tmp_path / "padded", **common)
     packed = _train(tiny_model_dir, qa_data_dir, tmp_path / "packed", packing=True, **common)
     assert packed.losses == pytest.approx(padded.losses, abs=1e-5)

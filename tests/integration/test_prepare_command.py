@@ -42,3 +42,37 @@ def test_prepare_help_does_not_import_torch_or_datasets():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     assert result.stdout.strip() == "[]"
+
+
+def test_prepare_show_marks_what_is_trained_and_jsonl_round_trips(tiny_model_dir, tool_data_file, tmp_path, capsys):
+    data, template = tool_data_file
+    argv = ["prepare", "--data_path", data, "--model_name_or_path", tiny_model_dir, "--template", "chat",
+            "--chat_template", template, "--eval_fraction", "0", "--cache_dir", str(tmp_path / "c"), "--show", "2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("--- sample ") == 2
+    assert ('[[<think>\nLook up Paris.\n</think>\n\n<tool_call>\n{"name": "get_weather", "arguments": '
+            '{"city": "Paris"}}\n</tool_call><|im_end|>]]\n<|im_start|>user\n<tool_response>') in out
+    assert main(argv + ["--show_format", "jsonl"]) == 0
+    captured = capsys.readouterr()
+    lines = [json.loads(line) for line in captured.out.splitlines()]
+    assert [line["sample"] for line in lines] == [0, 1] and "data report" in captured.err
+    from easysft.models.load import load_tokenizer
+
+    tok = load_tokenizer(tiny_model_dir)
+    first = lines[0]
+    supervised = tok.decode([t for t, lab in zip(first["input_ids"], first["labels"], strict=True) if lab != -100])
+    assert supervised.endswith("It is 10C in Paris.<|im_end|>") and "What is the weather" not in supervised
+
+
+def test_chat_template_travels_with_the_trained_model(tiny_model_dir, tool_data_file, tmp_path):
+    from easysft.models.load import load_tokenizer
+
+    data, template = tool_data_file
+    out = tmp_path / "run"
+    assert main(["train", "--data_path", data, "--model_name_or_path", tiny_model_dir, "--template", "chat",
+                 "--chat_template", template, "--max_steps", "1", "--output_dir", str(out), "--tensorboard",
+                 "false", "--cache_dir", str(tmp_path / "c")]) == 0
+    assert load_tokenizer(str(out)).chat_template == open(template, encoding="utf-8").read()
+    assert main(["prepare", "--data_path", data, "--model_name_or_path", tiny_model_dir, "--template", "chat",
+                 "--chat_template", str(tmp_path / "missing.jinja")]) == 2

@@ -76,7 +76,8 @@ def supervised_text(tokenizer, sample):
 def test_every_skip_reason_is_counted_in_the_report(tokenizer, mixed_sources):
     data = prepare_data(cfg(mixed_sources), VanishingTokenizer(tokenizer))
     train = data.report["train"]
-    assert train["skipped"] == dict.fromkeys(SKIP_REASONS, 1)
+    # the two conversation-only reasons are counted by tests/unit/test_conversations.py (--template chat)
+    assert train["skipped"] == {**dict.fromkeys(SKIP_REASONS, 1), "too_long": 0, "control_token_in_text": 0}
     assert set(train["skipped"]) == set(SKIP_REASONS)
     assert train["rows"] == len(PA_LINES) + len(CHAT_LINES) == 11
     assert train["kept"] == len(data.train) == 3
@@ -160,7 +161,7 @@ def test_chat_template_renders_context_as_turns(tokenizer, tmp_path):
             {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"},
             {"role": "assistant", "content": "Goodbye"}]
     path = write_lines(tmp_path / "chat.jsonl", [json.dumps({"messages": msgs})])
-    (sample,) = prepare_data(cfg(path, template="chat"), tokenizer).train
+    (sample,) = prepare_data(cfg(path, template="chat", train_on="last"), tokenizer).train
     expected = Template.from_name("chat").prompt_ids(tokenizer, "Bye", msgs[:3])
     assert sample["input_ids"][: len(expected)] == expected
     assert supervised_text(tokenizer, sample) == "Goodbye" + tokenizer.eos_token
@@ -178,9 +179,10 @@ def test_multi_turn_makes_one_sample_per_assistant_turn(tokenizer, tmp_path):
     assert multi.report["train"]["rows"] == 1 and multi.report["train"]["kept"] == 2
 
 
-def test_multi_turn_chat_samples_are_prefixes_of_the_whole_conversation(tokenizer, tmp_path):
-    """--multi_turn --template chat: sample k is the tokenizer's rendering of the WHOLE conversation cut right
-    after assistant turn k's end token, and only that turn's content + end token is supervised."""
+def test_chat_conversation_is_one_sample_supervising_every_turn_after_its_own_prompt(tokenizer, tmp_path):
+    """--template chat: the conversation is ONE sample, the tokenizer's rendering of the whole conversation; each
+    assistant turn is supervised from right after its own generation prompt through its end token, and nothing
+    else is (--multi_turn no longer repeats the conversation once per turn)."""
     msgs = [{"role": "system", "content": "Be brief."},
             {"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4, of course."},
             {"role": "user", "content": "And times three?"}, {"role": "assistant", "content": "12\nDone."},
@@ -192,15 +194,16 @@ def test_multi_turn_chat_samples_are_prefixes_of_the_whole_conversation(tokenize
         ids = tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
-    whole = rendered(msgs)
-    assistant_at = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
-    assert len(samples) == len(assistant_at) == 3
-    for sample, i in zip(samples, assistant_at, strict=True):
-        prompt_len = len(rendered(msgs[:i], add_generation_prompt=True))
-        ids, labels = sample["input_ids"], sample["labels"]
-        assert ids == whole[: len(ids)]
-        assert labels == [IGNORE_INDEX] * prompt_len + ids[prompt_len:]
-        assert tokenizer.decode(ids[prompt_len:]) == msgs[i]["content"] + tokenizer.eos_token
+    (sample,) = samples
+    ids, labels = sample["input_ids"], sample["labels"]
+    assert ids == rendered(msgs)
+    expected = [IGNORE_INDEX] * len(ids)
+    for i in [i for i, m in enumerate(msgs) if m["role"] == "assistant"]:
+        start = len(rendered(msgs[:i], add_generation_prompt=True))
+        turn = tokenizer(msgs[i]["content"] + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+        assert ids[start:start + len(turn)] == turn
+        expected[start:start + len(turn)] = turn
+    assert labels == expected
 
 
 # ---------------------------------------------------------------------------------------------- report

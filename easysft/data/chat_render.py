@@ -1,0 +1,276 @@
+"""A conversation -> ONE training sample, labelled from the chat template's own rendering (exact for any template).
+
+The only place that labels conversations (prompt/answer pairs are labelled in :mod:`easysft.data.tokenize`).
+
+How the supervised tokens are found, without generation markers or per-model patches:
+
+1. ``T`` = the template's rendering of the whole conversation (``tools=`` passed). This text, tokenized once,
+   IS the sample: whatever the template does (a default system prompt, earlier turns' reasoning dropped as
+   Qwen3 does, a tools block) is what is trained.
+2. For each assistant turn ``i`` to supervise, ``P`` = the rendering of the turns before it with the
+   generation prompt (exactly what inference builds) and ``Q`` = the rendering of the turns up to and including
+   it. ``Q[len(P):]``, without trailing whitespace, is the turn as the template renders it: its reasoning, its
+   content, its tool calls and its end-of-turn token (the whitespace after that token belongs to the next turn's
+   formatting and is never generated).
+3. That text is located in ``T``: right after ``P`` when ``T`` starts with ``P`` (the usual case), otherwise
+   after the template's generation header, searching forward from the previous turn (a template that renders
+   earlier turns differently once later turns exist). When the template dropped the turn's reasoning in context,
+   the reasoning-free rendering is located instead and the turn is counted in ``reasoning_lost_turns``.
+4. ``T`` is tokenized with character offsets; a token is supervised when it STARTS inside a located span.
+
+``--reasoning mask`` leaves the reasoning (and the tags around it) of each turn unsupervised; ``drop`` removes it
+before rendering. A template that does not render ``reasoning_content`` at all gets the reasoning folded into
+the content as ``<think>\\n...\\n</think>\\n\\n``, so it is not lost.
+
+Nothing the data holds may be lost silently: when the template does not render a message's content, a tool
+call's name or argument, a tool result or a tool's name, preparation stops with a :class:`DataError` naming the
+template and the field (fix: ``--chat_template FILE``). Text from the data that spells one of the tokenizer's
+control tokens (``<|im_end|>``...) would become that token: such a row is skipped as ``control_token_in_text``.
+
+Length: a conversation longer than ``max_seq_len`` tokens loses whole rounds (a user turn and everything up to the
+next user turn) from the front, keeping system messages and tools; a turn is never cut. When even the last round
+does not fit, the row is skipped as ``too_long``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import re
+from dataclasses import dataclass
+
+from easysft.data.conversations import CONTENT_WITH_REASONING, PRIVATE_KEYS, Conversation, without_reasoning
+from easysft.data.tokenize import IGNORE_INDEX, Skip
+from easysft.errors import ConfigError, DataError
+
+TRAIN_ON = ("all", "last")
+REASONING = ("train", "mask", "drop")
+# Fields of a sample's "conversation" counters (one int each; the data report sums them).
+CONVERSATION_COUNTERS = ("turns_supervised", "reasoning_tokens", "reasoning_lost_turns", "prefix_mismatches",
+                         "dropped_turns")
+_PROBE_REASONING = "easysft-reasoning-probe-7f3a"
+# After a reasoning text: the tag that closes it (</think>, </reasoning> ...) and the whitespace around it.
+_REASONING_TAIL = re.compile(r"\s*(?:</[A-Za-z_|-]{1,40}>)?\s*")
+
+
+@dataclass(frozen=True)
+class ConversationOptions:
+    """``train_on``: 'all' assistant turns or the 'last' one; ``reasoning``: 'train' | 'mask' | 'drop';
+    ``max_seq_len``: most tokens per conversation sample."""
+
+    train_on: str = "all"
+    reasoning: str = "train"
+    max_seq_len: int = 512
+
+
+def template_label(tokenizer) -> str:
+    """How errors name the template: the --chat_template file, or the model's own."""
+    path = getattr(tokenizer, "easysft_chat_template_path", None)
+    if path:
+        return f"the chat template {path} (--chat_template)"
+    return f"the chat template of {getattr(tokenizer, 'name_or_path', '') or 'this tokenizer'}"
+
+
+class ChatRenderer:
+    """Renders and labels :class:`Conversation` objects with one tokenizer's chat template (module docstring)."""
+
+    def __init__(self, tokenizer, options: ConversationOptions):
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ConfigError("--template chat: this tokenizer has no chat template; pass --chat_template FILE "
+                              "(a Jinja chat template) or use --template qa.")
+        if not getattr(tokenizer, "is_fast", False):
+            raise ConfigError("conversations need a fast tokenizer (character offsets); this one is slow.")
+        self.tokenizer, self.options = tokenizer, options
+        self.label = template_label(tokenizer)
+        self._control = _control_tokens(tokenizer)
+        self.renders_reasoning = _PROBE_REASONING in self._render_raw(
+            [{"role": "user", "content": "q"},
+             {"role": "assistant", "content": "a", "reasoning_content": _PROBE_REASONING}], None, False)
+
+    # -------------------------------------------------------------------------------------------- rendering
+
+    def _render_raw(self, messages: list[dict], tools, generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                                  add_generation_prompt=generation_prompt)
+
+    def template_message(self, message: dict) -> dict:
+        """A normalised message as the template receives it (reasoning folded when the template ignores it)."""
+        out = {key: value for key, value in message.items() if key not in PRIVATE_KEYS}
+        if "reasoning_content" in out and not self.renders_reasoning:
+            reasoning = out.pop("reasoning_content")
+            out["content"] = message.get(CONTENT_WITH_REASONING) or f"<think>\n{reasoning}\n</think>\n\n{out['content']}"
+        return out
+
+    def render(self, conversation_messages, tools, *, generation_prompt: bool = False) -> str:
+        """The template's text for ``conversation_messages`` (normalised messages)."""
+        return self._render_raw([self.template_message(m) for m in conversation_messages],
+                                list(tools) if tools else None, generation_prompt)
+
+    def prompt_ids(self, messages, tools) -> list[int]:
+        """The ids inference feeds the model for the next assistant turn: the rendering of ``messages`` with the
+        generation prompt, tokenized as the training sample is (so it is a token prefix of it)."""
+        text = self.render(messages, tools, generation_prompt=True)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # -------------------------------------------------------------------------------------------- labelling
+
+    def tokenize(self, conversation: Conversation) -> dict | Skip:
+        """One conversation -> ``{input_ids, labels, num_prompt_tokens, num_answer_tokens, prompt_truncated,
+        answer_truncated, conversation: {counter: int}}`` or a Skip (``too_long``, ``control_token_in_text``,
+        ``no_supervised_tokens``, ``unparseable_dialogue`` when the template refuses the conversation)."""
+        messages = list(conversation.messages)
+        if self.options.reasoning == "drop":
+            messages = [without_reasoning(m) for m in messages]
+        if self._control is not None:
+            found = self._control.search(json.dumps([messages, conversation.tools], ensure_ascii=False))
+            if found:
+                return Skip("control_token_in_text", f"the text holds the control token {found.group(0)!r}")
+        first = self._sample(messages, conversation.tools, check_lost=True)
+        if isinstance(first, Skip):
+            return first
+        sample, dropped = first, 0
+        while len(sample["input_ids"]) > self.options.max_seq_len:
+            shorter = drop_first_round(messages)
+            if shorter is None:
+                return Skip("too_long", f"{len(sample['input_ids'])} tokens > --max_seq_len "
+                                        f"{self.options.max_seq_len} even with only its last round")
+            dropped += len(messages) - len(shorter)
+            messages = shorter
+            sample = self._sample(messages, conversation.tools, check_lost=False)
+            if isinstance(sample, Skip):
+                return sample
+        supervised = sum(1 for label in first["labels"] if label != IGNORE_INDEX)
+        sample["num_prompt_tokens"] = len(first["input_ids"]) - supervised
+        sample["num_answer_tokens"] = supervised
+        sample["prompt_truncated"] = dropped > 0
+        sample["answer_truncated"] = False
+        sample["conversation"]["dropped_turns"] = dropped
+        return sample
+
+    def _to_supervise(self, messages: list[dict]) -> list[int]:
+        assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if self.options.train_on == "last":
+            assistant = assistant[-1:]
+        return [i for i in assistant if messages[i].get("train", True)]
+
+    def _sample(self, messages: list[dict], tools, *, check_lost: bool) -> dict | Skip:
+        try:
+            text = self.render(messages, tools)
+            if check_lost:
+                self._check_nothing_lost(text, messages, tools)
+            spans, counters = self._spans(text, messages, tools)
+        except DataError:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- a template's raise_exception or a Jinja error on this row
+            return Skip("unparseable_dialogue", f"{self.label} refused it: {str(exc).splitlines()[0][:200]}")
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = list(encoded["input_ids"]), encoded["offset_mapping"]
+        starts = [start for start, _ in offsets]
+        labels = [IGNORE_INDEX] * len(ids)
+        for start, end, kind in spans:
+            first, last = bisect.bisect_left(starts, start), bisect.bisect_left(starts, end)
+            for k in range(first, last):
+                if kind == "train":
+                    labels[k] = ids[k]
+                elif kind == "reasoning":
+                    counters["reasoning_tokens"] += 1
+        for position in counters.pop("prompt_ends"):
+            k = bisect.bisect_left(starts, position)
+            if k >= len(starts) or starts[k] != position:
+                counters["prefix_mismatches"] += 1
+        if not any(label != IGNORE_INDEX for label in labels):
+            return Skip("no_supervised_tokens", "no assistant turn to supervise")
+        return {"input_ids": ids, "labels": labels, "conversation": counters}
+
+    def _spans(self, text: str, messages: list[dict], tools) -> tuple[list[tuple[int, int, str]], dict]:
+        """Character spans of ``text``: ('train', start, end) supervised; ('reasoning', ...) counted; plus the
+        counters and the positions where each turn's inference prompt should end (``prompt_ends``)."""
+        counters = dict.fromkeys(CONVERSATION_COUNTERS, 0)
+        counters["prompt_ends"] = []
+        spans: list[tuple[int, int, str]] = []
+        cursor = 0
+        for i in self._to_supervise(messages):
+            prompt = self.render(messages[:i], tools, generation_prompt=True)
+            turn = self.render(messages[: i + 1], tools)
+            if not turn.startswith(prompt):
+                raise DataError(f"{self.label}: its generation prompt is not how it starts an assistant turn, so "
+                                "inference could never reproduce training; pass --chat_template FILE.")
+            body = turn[len(prompt):].rstrip()
+            reasoning = messages[i].get("reasoning_content")
+            if text.startswith(prompt) and text.startswith(body, len(prompt)):
+                start = len(prompt)
+            else:
+                counters["prefix_mismatches"] += 1
+                start, body = self._locate(text, messages, tools, i, prompt, body, cursor)
+                if reasoning and reasoning not in body:
+                    counters["reasoning_lost_turns"] += 1
+            if text.startswith(prompt):
+                counters["prompt_ends"].append(start)
+            end = start + len(body)
+            train_from = start
+            at = text.find(reasoning, start, end) if reasoning else -1
+            if at >= 0 and self.options.reasoning == "mask":
+                train_from = _REASONING_TAIL.match(text, at + len(reasoning)).end()
+            elif at >= 0:
+                spans.append((at, at + len(reasoning), "reasoning"))
+            spans.append((train_from, end, "train"))
+            counters["turns_supervised"] += 1
+            cursor = end
+        return spans, counters
+
+    def _locate(self, text, messages, tools, i, prompt, body, cursor) -> tuple[int, str]:
+        """Where turn ``i`` starts in ``text`` when ``text`` does not start with its prompt (module docstring)."""
+        history = self.render(messages[:i], tools)
+        header = prompt[len(history):] if prompt.startswith(history) else ""
+        candidates = [body]
+        if messages[i].get("reasoning_content"):
+            plain = self.render(messages[:i] + [without_reasoning(messages[i])], tools)
+            if plain.startswith(prompt):
+                candidates.append(plain[len(prompt):].rstrip())
+        for candidate in candidates:
+            at = text.find(header + candidate, cursor)
+            if at >= 0:
+                return at + len(header), candidate
+        raise DataError(f"{self.label} renders assistant turn {i} differently inside the whole conversation than "
+                        "on its own, so its tokens cannot be located; pass --chat_template FILE.")
+
+    def _check_nothing_lost(self, text: str, messages: list[dict], tools) -> None:
+        """DataError when the rendering lacks something the data holds (module docstring)."""
+        def lost(field: str) -> DataError:
+            return DataError(f"{self.label} does not render {field}, so training would see a shortened "
+                             "conversation; pass --chat_template FILE with a template that renders it.")
+
+        for k, message in enumerate(messages):
+            content = message["content"].strip()
+            if content and content not in text:
+                what = "tool results" if message["role"] == "tool" else f"{message['role']} message content"
+                raise lost(f"{what} (message {k})")
+            for call in message.get("tool_calls", ()):
+                function = call["function"]
+                if function["name"] not in text:
+                    raise lost(f"tool calls (the name {function['name']!r} of message {k})")
+                for key, value in function["arguments"].items():
+                    if key not in text or (isinstance(value, str) and value and value not in text
+                                           and json.dumps(value)[1:-1] not in text):
+                        raise lost(f"tool-call arguments (argument {key!r} of message {k})")
+        for tool in tools or ():
+            if tool["function"]["name"] not in text:
+                raise lost(f"tools (the schema of {tool['function']['name']!r})")
+
+
+def drop_first_round(messages: list[dict]) -> list[dict] | None:
+    """``messages`` without its first round (a user turn and what follows up to the next user turn); leading
+    system messages are kept. None when only one round is left."""
+    head = 0
+    while head < len(messages) and messages[head]["role"] == "system":
+        head += 1
+    users = [i for i in range(head, len(messages)) if messages[i]["role"] == "user"]
+    if len(users) < 2:
+        return None
+    return messages[:head] + messages[users[1]:]
+
+
+def _control_tokens(tokenizer):
+    """A regex of the tokenizer's control tokens (special and added tokens), or None when it has none."""
+    tokens = sorted({t for t in getattr(tokenizer, "added_tokens_encoder", {}) if t}, key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, tokens))) if tokens else None
