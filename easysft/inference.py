@@ -36,12 +36,16 @@ class InferResult:
     seconds: float
 
 
-def load_split(data_cfg: DataConfig, split: str, seed: int, skipped: list | None = None) -> list:
-    """Rows of ``split`` through :func:`easysft.data.sources.load_examples`; rows it drops go to ``skipped``."""
+def load_split(data_cfg: DataConfig, split: str, seed: int, skipped: list | None = None,
+               conversations: bool = False) -> list:
+    """Rows of ``split`` through :func:`easysft.data.sources.load_examples`; rows it drops go to ``skipped``.
+    ``conversations`` (--template chat): a conversation row asks for its next assistant turn (or, when it ends
+    with one, that last turn again from the turns before it)."""
     from easysft.data.sources import load_examples
 
     return load_examples(data_cfg.data_path, split=split, data_split=data_cfg.data_split,
-                         eval_fraction=data_cfg.eval_fraction, seed=seed, skipped=skipped)
+                         eval_fraction=data_cfg.eval_fraction, seed=seed, skipped=skipped,
+                         conversation_turns="next" if conversations else None)
 
 
 def write_predictions(path: str, rows: list[dict], output_format: str) -> None:
@@ -50,12 +54,25 @@ def write_predictions(path: str, rows: list[dict], output_format: str) -> None:
     os.makedirs(folder, exist_ok=True)
     with atomic_open(path, newline="") as out:
         if output_format == "csv":
-            writer = csv.DictWriter(out, fieldnames=COLUMNS)
+            with_calls = any("tool_calls" in row for row in rows)  # conversation rows: the parsed calls as JSON
+            writer = csv.DictWriter(out, fieldnames=(*COLUMNS, "tool_calls") if with_calls else COLUMNS)
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows({**row, "tool_calls": json.dumps(row["tool_calls"], ensure_ascii=False)}
+                             if "tool_calls" in row else row for row in rows)
         else:
             for row in rows:
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def prediction_row(example, prediction: str) -> dict:
+    """One output row; a conversation turn also gets the tool calls parsed from its prediction."""
+    row = {"prompt": example.prompt, "answer": example.answer if isinstance(example.answer, str) else "",
+           "prediction": prediction}
+    if example.messages is not None:
+        from easysft.scoring import parse_tool_calls
+
+        row["tool_calls"] = parse_tool_calls(prediction)
+    return row
 
 
 def run_inference(model_cfg: ModelConfig, data_cfg: DataConfig, infer_cfg: InferConfig, given: dict) -> InferResult:
@@ -69,6 +86,7 @@ def run_inference(model_cfg: ModelConfig, data_cfg: DataConfig, infer_cfg: Infer
     from easysft import generate as G
     from easysft.distributed import DistInfo, init_process_group
     from easysft.dtypes import dtype_for_device, torch_dtype
+    from easysft.generate.prompts import example_prompt_ids
     from easysft.models.load import load_model, load_tokenizer, resolve_model_path
 
     if not data_cfg.data_path:
@@ -87,7 +105,8 @@ def run_inference(model_cfg: ModelConfig, data_cfg: DataConfig, infer_cfg: Infer
     settings = G.resolve_settings(resolved.meta, tokenizer, given)
 
     unreadable: list = []  # rows the reader dropped (broken JSON line, missing column): counted in the note
-    examples = load_split(data_cfg, infer_cfg.split, infer_cfg.seed, skipped=unreadable)
+    examples = load_split(data_cfg, infer_cfg.split, infer_cfg.seed, skipped=unreadable,
+                          conversations=settings.template.kind == "chat")
     if infer_cfg.debug:
         examples = examples[:DEBUG_ROWS]
     if getattr(data_cfg, limit_flag) is not None:
@@ -95,9 +114,9 @@ def run_inference(model_cfg: ModelConfig, data_cfg: DataConfig, infer_cfg: Infer
     prompts, kept = [], []
     for example in examples:
         # A row without a usable prompt cannot be rendered; the answer may be missing (nothing to compare).
-        if isinstance(example.prompt, str) and example.prompt.strip():
-            prompts.append(G.build_prompt_ids(tokenizer, settings.template, example.prompt, example.context,
-                                              settings.max_prompt_len))
+        if example.messages is not None or (isinstance(example.prompt, str) and example.prompt.strip()):
+            prompts.append(example_prompt_ids(tokenizer, settings.template, example, settings.max_prompt_len,
+                                              settings.max_prompt_len + settings.max_new_tokens))
             kept.append(example)
     if not prompts:
         raise DataError(f"{data_cfg.data_path}: split {infer_cfg.split!r} has no row with a non-empty prompt.")
@@ -145,11 +164,8 @@ def run_inference(model_cfg: ModelConfig, data_cfg: DataConfig, infer_cfg: Infer
 
     result = InferResult(None, len(prompts), progress.num_tokens, progress.seconds)
     if dist.is_main:
-        rows = [
-            {"prompt": ex.prompt, "answer": ex.answer if isinstance(ex.answer, str) else "",
-             "prediction": tokenizer.decode(ids, skip_special_tokens=True)}
-            for ex, ids in zip(kept, generated, strict=True)
-        ]
+        rows = [prediction_row(ex, tokenizer.decode(ids, skip_special_tokens=True))
+                for ex, ids in zip(kept, generated, strict=True)]
         write_predictions(infer_cfg.inference_output_path, rows, infer_cfg.output_format)
         result.output_path = infer_cfg.inference_output_path
         first = f"; first: {unreadable[0].location} {unreadable[0].reason}" if unreadable else ""

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -150,3 +152,66 @@ def is_improvement(value: float, best: float | None, *, greater: bool, threshold
     if best is None:
         return True
     return value > best + threshold if greater else value < best - threshold
+
+
+# ------------------------------------------------------------------------------------------------------
+# Tool calls
+
+TOOL_CALL_METRICS = ("tool_call_name", "tool_call_exact")
+_THINK_PREFIX = re.compile(r"^\s*<think>.*?</think>\s*", re.DOTALL)
+
+
+def strip_reasoning(text: str) -> str:
+    """``text`` without a leading ``<think>...</think>`` block (answers are scored without their reasoning)."""
+    return _THINK_PREFIX.sub("", text, count=1)
+
+
+def parse_tool_calls(text: str) -> list[dict]:
+    """The tool calls written in generated ``text``, as ``[{"name", "arguments"}]`` in order.
+
+    Template-independent: every JSON object in the text (alone, in a list, or inside tags such as
+    ``<tool_call>...</tool_call>``) that has a string ``name`` and an object ``arguments`` (or ``parameters``, the
+    Llama 3 spelling; arguments given as a JSON string are parsed) is a call. Text that is not JSON is ignored.
+    """
+    decoder = json.JSONDecoder()
+    calls, position = [], 0
+    while True:
+        start = min((i for i in (text.find("{", position), text.find("[", position)) if i >= 0), default=-1)
+        if start < 0:
+            return calls
+        try:
+            value, end = decoder.raw_decode(text, start)
+        except ValueError:
+            position = start + 1
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            call = _as_call(item)
+            if call is not None:
+                calls.append(call)
+        position = end
+
+
+def _as_call(item) -> dict | None:
+    if not isinstance(item, dict):
+        return None
+    item = item.get("function", item) if isinstance(item.get("function"), dict) else item
+    name, arguments = item.get("name"), item.get("arguments", item.get("parameters"))
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            return None
+    if not isinstance(name, str) or not isinstance(arguments, dict):
+        return None
+    return {"name": name, "arguments": arguments}
+
+
+def tool_call_scores(predicted: list[list[dict]], references: list[list[dict]]) -> dict[str, float]:
+    """Over turns whose reference is a tool call: ``tool_call_name`` = fraction whose predicted call names equal
+    the reference's (in order), ``tool_call_exact`` = fraction whose names AND arguments are equal (as JSON
+    values: key order and spacing do not matter)."""
+    if not references:
+        return {}
+    names = sum([c["name"] for c in p] == [c["name"] for c in r] for p, r in zip(predicted, references, strict=True))
+    exact = sum(p == r for p, r in zip(predicted, references, strict=True))
+    return {"tool_call_name": names / len(references), "tool_call_exact": exact / len(references)}

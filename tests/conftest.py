@@ -105,6 +105,7 @@ def launched(request, tmp_path_factory, tiny_model_dir):
 
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
+ASSETS = Path(__file__).resolve().parents[1] / "easysft" / "assets"
 CITIES = ["Paris", "Tokyo", "Lima", "Oslo", "Cairo", "Quito", "Delhi", "Perth"]
 
 
@@ -132,4 +133,4 @@ def tool_data_file(tmp_path):
     """A .jsonl of 8 tool-calling conversations and the ChatML-with-tools template to train them with."""
     path = tmp_path / "tools.jsonl"
     path.write_text("".join(json.dumps(tool_conversation(k)) + "\n" for k in range(8)), encoding="utf-8")
-    return str(path), str(TEMPLATES_DIR / "chatml_tools.jinja")
+    return str(path), str(ASSETS / "chatml_tools.jinja")

@@ -194,6 +194,9 @@ class ChatConfig:
     prompt: str | None = field(default=None, metadata=_help("Answer this one prompt on stdout and exit (no REPL)."))
     system: str | None = field(
         default=None, metadata=_help("System prompt (default: the one saved with the template, if any)."))
+    tools: str | None = field(
+        default=None, metadata=_help("A JSON file listing function schemas: passed to the chat template; tool calls "
+                                     "are shown as such, /tool <result> answers them."))
     template: str | None = field(
         default=None, metadata=_help("Override the saved template: 'qa', 'chat' or a string with {prompt}."))
     max_prompt_len: int | None = field(

@@ -9,6 +9,9 @@ from easysft.config.fields import _help
 from easysft.config.values import normalise_fields
 from easysft.errors import ConfigError
 
+ASSETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+SHIPPED_CHAT_TEMPLATES = ("chatml_tools",)  # easysft/assets/<name>.jinja
+
 
 @dataclass
 class ModelConfig:
@@ -28,7 +31,8 @@ class ModelConfig:
     chat_template: str | None = field(
         default=None,
         metadata=_help("A Jinja chat template file that replaces the tokenizer's own (prepare, train, eval, infer, "
-                       "chat); it is saved with the trained model, so inference renders as training did.",
+                       "chat), or a template shipped with easysft: 'chatml_tools' (ChatML with tools and tool "
+                       "calls). It is saved with the trained model, so inference renders as training did.",
                        resume_sensitive=True),
     )
 
@@ -37,7 +41,11 @@ class ModelConfig:
         if not self.model_name_or_path:
             raise ConfigError("--model_name_or_path is empty: give a folder, a hub id, or 'bundled'.")
         if self.chat_template is not None and not os.path.isfile(self.chat_template):
-            raise ConfigError(f"--chat_template {self.chat_template}: no such file; give a Jinja chat template file.")
+            shipped = os.path.join(ASSETS_DIR, f"{self.chat_template}.jinja")
+            if self.chat_template not in SHIPPED_CHAT_TEMPLATES:
+                raise ConfigError(f"--chat_template {self.chat_template}: no such file; give a Jinja chat template "
+                                  f"file or one of: {', '.join(SHIPPED_CHAT_TEMPLATES)}.")
+            self.chat_template = shipped
 
 
 @dataclass

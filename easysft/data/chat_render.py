@@ -106,6 +106,14 @@ class ChatRenderer:
         return self._render_raw([self.template_message(m) for m in conversation_messages],
                                 list(tools) if tools else None, generation_prompt)
 
+    def render_many(self, conversations: list[list[dict]], tools, *, generation_prompt: bool) -> list[str]:
+        """:meth:`render` for several message lists with the same tools, in ONE template call (the call's own
+        overhead, copying the tools for the sandbox, costs more than rendering a short conversation)."""
+        if not conversations:
+            return []
+        batch = [[self.template_message(m) for m in messages] for messages in conversations]
+        return list(self._render_raw(batch, list(tools) if tools else None, generation_prompt))
+
     def prompt_ids(self, messages, tools) -> list[int]:
         """The ids inference feeds the model for the next assistant turn: the rendering of ``messages`` with the
         generation prompt, tokenized as the training sample is (so it is a token prefix of it)."""
@@ -155,10 +163,15 @@ class ChatRenderer:
 
     def _sample(self, messages: list[dict], tools, *, check_lost: bool) -> dict | Skip:
         try:
-            text = self.render(messages, tools)
+            supervise = self._to_supervise(messages)
+            # Every rendering this sample needs, in two template calls: the whole conversation and each turn
+            # with what precedes it; each turn's inference prompt.
+            text, *turns = self.render_many([messages] + [messages[: i + 1] for i in supervise], tools,
+                                            generation_prompt=False)
+            prompts = self.render_many([messages[:i] for i in supervise], tools, generation_prompt=True)
             if check_lost:
                 self._check_nothing_lost(text, messages, tools)
-            spans, counters = self._spans(text, messages, tools)
+            spans, counters = self._spans(text, messages, tools, list(zip(supervise, prompts, turns, strict=True)))
         except DataError:
             raise
         except Exception as exc:  # noqa: BLE001 -- a template's raise_exception or a Jinja error on this row
@@ -182,16 +195,16 @@ class ChatRenderer:
             return Skip("no_supervised_tokens", "no assistant turn to supervise")
         return {"input_ids": ids, "labels": labels, "conversation": counters}
 
-    def _spans(self, text: str, messages: list[dict], tools) -> tuple[list[tuple[int, int, str]], dict]:
+    def _spans(self, text: str, messages: list[dict], tools,
+               renders: list[tuple[int, str, str]]) -> tuple[list[tuple[int, int, str]], dict]:
         """Character spans of ``text``: ('train', start, end) supervised; ('reasoning', ...) counted; plus the
-        counters and the positions where each turn's inference prompt should end (``prompt_ends``)."""
+        counters and the positions where each turn's inference prompt should end (``prompt_ends``).
+        ``renders``: ``(i, prompt, turn)`` for each assistant turn ``i`` to supervise (module docstring)."""
         counters = dict.fromkeys(CONVERSATION_COUNTERS, 0)
         counters["prompt_ends"] = []
         spans: list[tuple[int, int, str]] = []
         cursor = 0
-        for i in self._to_supervise(messages):
-            prompt = self.render(messages[:i], tools, generation_prompt=True)
-            turn = self.render(messages[: i + 1], tools)
+        for i, prompt, turn in renders:
             if not turn.startswith(prompt):
                 raise DataError(f"{self.label}: its generation prompt is not how it starts an assistant turn, so "
                                 "inference could never reproduce training; pass --chat_template FILE.")

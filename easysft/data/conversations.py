@@ -191,8 +191,10 @@ def _message(item: Any, where: str, role_key: str, content_key: str) -> dict | S
     return message
 
 
-def read_conversation(record: dict, column: str, role_key: str, content_key: str) -> Conversation | Skip:
-    """One record of the ``messages`` / ``sharegpt`` layout -> :class:`Conversation` or a Skip saying why not."""
+def read_conversation(record: dict, column: str, role_key: str, content_key: str, *,
+                      require_assistant: bool = True) -> Conversation | Skip:
+    """One record of the ``messages`` / ``sharegpt`` layout -> :class:`Conversation` or a Skip saying why not.
+    ``require_assistant=False`` (inference) accepts a conversation that has no assistant turn yet."""
     raw = record.get(column)
     if not isinstance(raw, list):
         return _skip(f"{column} is {type(raw).__name__}, not a list of turns")
@@ -208,7 +210,7 @@ def read_conversation(record: dict, column: str, role_key: str, content_key: str
         if isinstance(message, Skip):
             return message
         messages.append(message)
-    if not any(m["role"] == "assistant" for m in messages):
+    if require_assistant and not any(m["role"] == "assistant" for m in messages):
         return _skip("no assistant turn")
     if not any(m["role"] == "user" for m in messages):
         return _skip("no user turn")
@@ -217,3 +219,18 @@ def read_conversation(record: dict, column: str, role_key: str, content_key: str
 
 def without_reasoning(message: dict) -> dict:
     return {key: value for key, value in message.items() if key not in ("reasoning_content", CONTENT_WITH_REASONING)}
+
+
+def generation_turns(conversation: Conversation, which: str) -> list[tuple[list[dict], dict | None]]:
+    """``(messages before the turn, the turn or None)`` for each assistant turn to generate.
+
+    ``which``: 'all' = every assistant turn with ``"weight"`` other than 0 (generation eval: each turn from the
+    conversation before it, as the data has it); 'next' = the turn after the last message when the conversation
+    ends with a user or tool turn, else its last assistant turn (inference)."""
+    messages = list(conversation.messages)
+    if which == "next":
+        if messages[-1]["role"] != "assistant":
+            return [(messages, None)]
+        return [(messages[:-1], messages[-1])]
+    return [(messages[:i], messages[i]) for i in conversation.assistant_indices()
+            if messages[i].get("train", True)]

@@ -27,7 +27,7 @@ from easysft.data.segments import (
     scan_jsonl_chunk,
     segment_records,
 )
-from easysft.data.sources import SkippedRow, record_rows
+from easysft.data.sources import CONVERSATION_COLUMNS, SkippedRow, record_rows
 from easysft.data.tokenize import IGNORE_INDEX, Skip, tokenize_examples
 
 # Records per task: large enough that the batched tokenizer call and the inter-process hop cost little per row,
@@ -115,16 +115,13 @@ def tokenize_task(task: tuple) -> dict[int, Piece]:
             for split in (TRAIN, EVAL)}
 
 
-CONVERSATION_LAYOUTS = {"messages": ("messages", "role", "content"), "sharegpt": ("conversations", "from", "value")}
-
-
 def _conversation_rows(record: RawRecord, layout, ctx: Context) -> list:
     """One record of a conversation layout -> ``[sample dict]`` or ``[SkippedRow]`` (one sample per
     conversation, labelled by :class:`~easysft.data.chat_render.ChatRenderer`)."""
     value = record.value
     if isinstance(value, Skip) or not isinstance(value, dict):
         return record_rows(record, layout, False)
-    conversation = read_conversation(value, *CONVERSATION_LAYOUTS[layout.name])
+    conversation = read_conversation(value, *CONVERSATION_COLUMNS[layout.name])
     out = conversation if isinstance(conversation, Skip) else ctx.renderer.tokenize(conversation)
     if isinstance(out, Skip):
         return [SkippedRow(out.reason, out.detail, record.source, record.row)]
@@ -132,7 +129,7 @@ def _conversation_rows(record: RawRecord, layout, ctx: Context) -> list:
 
 
 def _tokenize_split(records: list[RawRecord], layout, ctx: Context) -> Piece:
-    if ctx.renderer is not None and layout is not None and layout.name in CONVERSATION_LAYOUTS:
+    if ctx.renderer is not None and layout is not None and layout.name in CONVERSATION_COLUMNS:
         per_record = [_conversation_rows(record, layout, ctx) for record in records]
         return _collect(per_record, lambda row: row)
     per_record = [record_rows(record, layout, ctx.multi_turn) for record in records]

@@ -25,6 +25,7 @@ import os
 from dataclasses import dataclass, field
 
 from easysft.data.adapters import Layout
+from easysft.data.conversations import generation_turns, read_conversation
 from easysft.data.readers import (
     RawRecord,
     format_location,
@@ -48,6 +49,12 @@ class Example:
     context: list[dict] = field(default_factory=list)
     source: str = ""
     row: int | str = 0
+    # A turn of a conversation (--template chat): the normalised messages before it, the tools, and the
+    # reference tool calls ([{"name", "arguments"}], None when the reference turn is text). Prompt ids then come
+    # from the chat template's rendering of ``messages`` (easysft.data.chat_render).
+    messages: list[dict] | None = None
+    tools: list[dict] | None = None
+    reference_calls: list[dict] | None = None
 
     @property
     def location(self) -> str:
@@ -216,18 +223,44 @@ def to_rows(split: SourceSplit, multi_turn: bool = False) -> list[Example | Skip
     return rows
 
 
-def record_rows(record: RawRecord, layout: Layout | None, multi_turn: bool = False) -> list[Example | SkippedRow]:
-    """One record -> its examples (several with ``multi_turn``), or one SkippedRow saying why it makes none."""
+CONVERSATION_COLUMNS = {"messages": ("messages", "role", "content"),
+                        "sharegpt": ("conversations", "from", "value")}
+
+
+def record_rows(record: RawRecord, layout: Layout | None, multi_turn: bool = False,
+                conversation_turns: str | None = None) -> list[Example | SkippedRow]:
+    """One record -> its examples (several with ``multi_turn``), or one SkippedRow saying why it makes none.
+    ``conversation_turns`` ('all' | 'next', generation with --template chat): a ``messages``/``sharegpt`` record
+    is read as a conversation and makes one example per turn to generate (``generation_turns``)."""
     value = record.value
     if isinstance(value, Skip):
         return [SkippedRow(value.reason, value.detail, record.source, record.row)]
     if not isinstance(value, dict):
         return [SkippedRow("missing_key", f"the row is a {type(value).__name__}, not an object",
                            record.source, record.row)]
+    if conversation_turns and layout.name in CONVERSATION_COLUMNS:
+        return _conversation_examples(record, layout, conversation_turns)
     out = layout.adapt(value, multi_turn)
     if isinstance(out, Skip):
         return [SkippedRow(out.reason, out.detail, record.source, record.row)]
     return [Example(t.prompt, t.answer, [dict(c) for c in t.context], record.source, record.row) for t in out]
+
+
+def _conversation_examples(record: RawRecord, layout: Layout, which: str) -> list[Example | SkippedRow]:
+    conversation = read_conversation(record.value, *CONVERSATION_COLUMNS[layout.name],
+                                     require_assistant=which != "next")
+    if isinstance(conversation, Skip):
+        return [SkippedRow(conversation.reason, conversation.detail, record.source, record.row)]
+    examples = []
+    for before, turn in generation_turns(conversation, which):
+        last = next((m["content"] for m in reversed(before) if m["role"] in ("user", "tool")), "")
+        calls = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+                 for c in (turn or {}).get("tool_calls", [])]
+        examples.append(Example(last, turn["content"] if turn else "", [], record.source, record.row,
+                                messages=before, tools=list(conversation.tools or []) or None,
+                                reference_calls=calls or None))
+    return examples or [SkippedRow("unparseable_dialogue", "no assistant turn to generate", record.source,
+                                   record.row)]
 
 
 def strict_error(skipped: SkippedRow) -> DataError:
@@ -239,7 +272,7 @@ def strict_error(skipped: SkippedRow) -> DataError:
 
 def load_examples(data_path, split: str = "train", *, eval_fraction: float = 0.05, seed: int = 1234,
                   data_split: str = "10,0,0", multi_turn: bool = False, strict: bool = False,
-                  skipped: list[SkippedRow] | None = None) -> list[Example]:
+                  skipped: list[SkippedRow] | None = None, conversation_turns: str | None = None) -> list[Example]:
     """The examples of ``split`` ('train' or 'eval') of one or more sources, in ``data_path`` order.
 
     Rows that cannot make an example are dropped (``strict=True``: the first one raises DataError naming its
@@ -259,7 +292,7 @@ def load_examples(data_path, split: str = "train", *, eval_fraction: float = 0.0
         # Read chunk by chunk: only the split's examples are kept, never the whole source's records.
         for record, layout in iter_split_records(path, split, eval_fraction=eval_fraction, seed=seed,
                                                  data_split=data_split):
-            for row in record_rows(record, layout, multi_turn):
+            for row in record_rows(record, layout, multi_turn, conversation_turns):
                 if isinstance(row, SkippedRow):
                     if strict:
                         raise strict_error(row)

@@ -22,8 +22,8 @@ from easysft.dtypes import dtype_for_device
 from easysft.errors import ConfigError
 from easysft.files import atomic_open
 from easysft.generate.parallel import dist_state, generate_ids_data_parallel
-from easysft.generate.prompts import build_prompt_ids
-from easysft.scoring import UserMetric, score
+from easysft.generate.prompts import example_prompt_ids
+from easysft.scoring import UserMetric, parse_tool_calls, score, strip_reasoning, tool_call_scores
 
 ERROR_KEY = "__error__"
 
@@ -37,10 +37,12 @@ class ScoredGeneration:
 
 
 def usable_rows(examples, limit: int) -> list:
-    """The first ``limit`` examples with a non-empty string prompt and a string answer (the reference)."""
+    """The first ``limit`` examples with a non-empty string prompt (or conversation messages) and a string answer
+    (the reference)."""
     rows = []
     for example in examples:
-        if isinstance(example.prompt, str) and example.prompt.strip() and isinstance(example.answer, str):
+        has_prompt = example.messages is not None or (isinstance(example.prompt, str) and example.prompt.strip())
+        if has_prompt and isinstance(example.answer, str):
             rows.append(example)
             if len(rows) == limit:
                 break
@@ -56,7 +58,8 @@ def generate_and_score(model, tokenizer, examples, *, template, max_prompt_len: 
     eval mode and back; the global RNG state is saved and restored around generation, so sampling here never
     changes the training run's random numbers (resume stays exact).
     """
-    prompts = [build_prompt_ids(tokenizer, template, ex.prompt, ex.context, max_prompt_len) for ex in examples]
+    prompts = [example_prompt_ids(tokenizer, template, ex, max_prompt_len, max_prompt_len + max_new_tokens)
+               for ex in examples]
     was_training = model.training
     model.eval()
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
@@ -70,14 +73,10 @@ def generate_and_score(model, tokenizer, examples, *, template, max_prompt_len: 
     result = ScoredGeneration(metrics={})
     if rank == 0:
         predictions = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in generated]
-        references = [ex.answer for ex in examples]
-        texts = [ex.prompt for ex in examples]
         try:
-            result.metrics = score(predictions, references, texts, user_metric, user_metric_name)
+            result.metrics, result.rows = score_turns(examples, predictions, user_metric, user_metric_name)
         except ConfigError as exc:  # a user metric failing later than its dry run: every rank must stop
             result.metrics = {ERROR_KEY: str(exc)}
-        result.rows = [{"prompt": p, "reference": r, "prediction": g}
-                       for p, r, g in zip(texts, references, predictions, strict=True)]
     if world_size > 1:
         import torch.distributed as tdist
 
@@ -87,6 +86,32 @@ def generate_and_score(model, tokenizer, examples, *, template, max_prompt_len: 
     if ERROR_KEY in result.metrics:
         raise ConfigError(result.metrics[ERROR_KEY])
     return result
+
+
+def score_turns(examples, predictions: list[str], user_metric: UserMetric | None = None,
+                user_metric_name: str = "") -> tuple[dict[str, float], list[dict]]:
+    """Scores and prediction rows. A turn whose reference is a tool call (``example.reference_calls``) is scored
+    by the calls parsed from its prediction (``tool_call_name``, ``tool_call_exact``); every other turn by the
+    text metrics, against its reference text (a conversation turn's prediction without its ``<think>`` block).
+    Rows of conversation turns also carry the parsed ``tool_calls`` and the ``reference_tool_calls``."""
+    text, calls, rows = [], [], []
+    for example, prediction in zip(examples, predictions, strict=True):
+        row = {"prompt": example.prompt, "reference": example.answer, "prediction": prediction}
+        if example.messages is not None:
+            row["tool_calls"] = parse_tool_calls(prediction)
+            row["reference_tool_calls"] = example.reference_calls
+        if example.reference_calls:
+            calls.append((row["tool_calls"], example.reference_calls))
+        else:
+            answer = strip_reasoning(prediction) if example.messages is not None else prediction
+            text.append((answer, example.answer, example.prompt))
+        rows.append(row)
+    metrics: dict[str, float] = {}
+    if text:
+        metrics.update(score(*map(list, zip(*text, strict=True)), user_metric, user_metric_name))
+    if calls:
+        metrics.update(tool_call_scores(*map(list, zip(*calls, strict=True))))
+    return metrics, rows
 
 
 def write_prediction_rows(path: str | Path, rows: list[dict]) -> None:
@@ -112,7 +137,9 @@ def score_saved_model(model_cfg, data_cfg, eval_cfg, given: dict, user_metric: U
     settings = resolve_settings(resolved.meta, tokenizer, given)
     examples = usable_rows(load_examples(data_cfg.data_path, split=eval_cfg.split, eval_fraction=data_cfg.eval_fraction,
                                          seed=eval_cfg.seed, data_split=data_cfg.data_split,
-                                         multi_turn=data_cfg.multi_turn), eval_cfg.generate)
+                                         multi_turn=data_cfg.multi_turn,
+                                         conversation_turns="all" if settings.template.kind == "chat" else None),
+                          eval_cfg.generate)
     if not examples:
         raise DataError(f"the {eval_cfg.split} split has no row with a prompt and a text answer to generate for.")
     device = DistInfo.from_env().device  # the GPU when there is one

@@ -15,7 +15,7 @@ from easysft.distributed import print0
 from easysft.errors import ConfigError
 from easysft.generate.scored import generate_and_score, usable_rows, write_prediction_rows
 from easysft.probe import load_probe_samples, probe_metrics
-from easysft.scoring import BUILTIN_METRICS, load_user_metric
+from easysft.scoring import BUILTIN_METRICS, TOOL_CALL_METRICS, load_user_metric
 
 PREDICTIONS_DIR = "eval_predictions"
 
@@ -37,8 +37,10 @@ class EvalExtras:
     def metric_names(self) -> set[str]:
         """Every field an eval record will carry (what --metric_for_best_model may name)."""
         names = {"eval_loss", "eval_ppl"}
-        if self.gen_examples:
+        if any(not ex.reference_calls for ex in self.gen_examples):  # text turns
             names |= {f"eval_{m}" for m in (*BUILTIN_METRICS, *self.user_metric_names)}
+        if any(ex.reference_calls for ex in self.gen_examples):  # tool-call turns
+            names |= {f"eval_{m}" for m in TOOL_CALL_METRICS}
         if self.probe_samples:
             names |= {"probe_nll", "probe_kl"}
         return names
@@ -67,8 +69,11 @@ def prepare_eval_extras(run, user_metric=None, user_metric_names: tuple[str, ...
     if cfg.eval_generate:
         if not run.data.eval:
             raise ConfigError("--eval_generate needs an eval split (eval.json, --data_split or --eval_fraction).")
+        # --template chat: every assistant turn of a conversation, generated from the turns before it
+        turns = "all" if run.data.template.kind == "chat" else None
         examples = load_examples(data_cfg.data_path, split="eval", eval_fraction=data_cfg.eval_fraction,
-                                 seed=cfg.seed, data_split=data_cfg.data_split, multi_turn=data_cfg.multi_turn)
+                                 seed=cfg.seed, data_split=data_cfg.data_split, multi_turn=data_cfg.multi_turn,
+                                 conversation_turns=turns)
         extras.gen_examples = usable_rows(examples, cfg.eval_generate)
         extras.gen = run.gen_cfg.filled(model_generation_defaults(model))
         extras.max_new_tokens = cfg.eval_max_new_tokens or run.gen_cfg.max_new_tokens or data_cfg.max_ans_len

@@ -15,6 +15,7 @@ from easysft.data.tokenize import IGNORE_INDEX, Skip
 from easysft.errors import DataError
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
+ASSETS = Path(__file__).resolve().parents[2] / "easysft" / "assets"
 LLAMA_TOKENS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>"]
 
 WEATHER_TOOL = {"name": "get_weather", "description": "Weather in a city",
@@ -40,7 +41,8 @@ def tokenizer_with(base, template: str | None, extra_tokens=()):
     if extra_tokens:
         tok.add_special_tokens({"additional_special_tokens": list(extra_tokens)})
     if template is not None:
-        tok.chat_template = (TEMPLATES / template).read_text()
+        folder = ASSETS if (ASSETS / template).is_file() else TEMPLATES  # chatml_tools ships with easysft
+        tok.chat_template = (folder / template).read_text()
     return tok
 
 
@@ -275,3 +277,54 @@ def test_prepare_makes_one_sample_per_conversation_and_reports_it(tokenizer, tmp
     assert not last.report["cache"]["hit"]  # --train_on is part of the cache key
     assert supervised_runs(tokenizer, last.train[0]) == ["B<|im_end|>"]
     assert last.train[0]["input_ids"] == data.train[0]["input_ids"]
+
+
+# -------------------------------------------------------------------------------- generation on conversations
+
+def test_parse_tool_calls_reads_any_template_spelling():
+    from easysft.scoring import parse_tool_calls
+
+    hermes = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    llama = 'x {"name": "get_time", "parameters": {}} and {"name": "f", "arguments": "{\\"a\\": 1}"}'
+    listed = '[TOOL_CALLS][{"name": "a", "arguments": {"k": [1, 2]}}, {"type": "function", "function": ' \
+             '{"name": "b", "arguments": {}}}] {not json} {"name": "no args"}'
+    assert parse_tool_calls(hermes) == [{"name": "get_weather", "arguments": {"city": "Paris"}}]
+    assert parse_tool_calls(llama) == [{"name": "get_time", "arguments": {}}, {"name": "f", "arguments": {"a": 1}}]
+    assert parse_tool_calls(listed) == [{"name": "a", "arguments": {"k": [1, 2]}}, {"name": "b", "arguments": {}}]
+    assert parse_tool_calls("It is sunny.") == []
+
+
+def test_eval_turns_score_tool_calls_and_text_separately(tmp_path):
+    from easysft.data.sources import load_examples
+    from easysft.generate.scored import score_turns
+
+    path = tmp_path / "agent.jsonl"
+    path.write_text(json.dumps(AGENT) + "\n")
+    turns = load_examples(str(path), eval_fraction=0.0, conversation_turns="all")
+    assert [t.reference_calls for t in turns] == [[{"name": "get_weather", "arguments": {"city": "Paris"}}],
+                                                  None, None]
+    assert [len(t.messages) for t in turns] == [2, 4, 6] and turns[1].prompt == "18C, sunny"
+    predictions = ['<tool_call>{"name": "get_weather", "arguments": {"city": "Lyon"}}</tool_call>',
+                   "<think>ok</think>It is 18C and sunny.", "Bye."]
+    metrics, rows = score_turns(turns, predictions)
+    assert metrics["tool_call_name"] == 1.0 and metrics["tool_call_exact"] == 0.0  # wrong argument
+    assert metrics["exact_match"] == 0.5  # text turns only, reasoning stripped before scoring
+    assert rows[0]["tool_calls"] == [{"name": "get_weather", "arguments": {"city": "Lyon"}}]
+    assert rows[0]["reference_tool_calls"] == turns[0].reference_calls
+    predictions[0] = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    assert score_turns(turns, predictions)[0]["tool_call_exact"] == 1.0
+
+
+def test_inference_prompt_is_a_token_prefix_of_the_training_sample(tokenizer, tmp_path):
+    from easysft.data.sources import load_examples
+    from easysft.data.templates import Template
+    from easysft.generate.prompts import example_prompt_ids
+
+    tok = tokenizer_with(tokenizer, "chatml_tools.jinja")
+    sample = label(tok, AGENT)
+    path = tmp_path / "agent.jsonl"
+    path.write_text(json.dumps(AGENT) + "\n")
+    for turn in load_examples(str(path), eval_fraction=0.0, conversation_turns="all"):
+        ids = example_prompt_ids(tok, Template.from_name("chat"), turn, 64, 4096)
+        assert sample["input_ids"][: len(ids)] == ids and sample["labels"][len(ids)] != IGNORE_INDEX
+        assert sample["labels"][len(ids) - 1] == IGNORE_INDEX
