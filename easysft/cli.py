@@ -25,6 +25,7 @@ COMMANDS = {
     "prepare": ("easysft.commands.prepare", "Tokenize and cache a dataset; print the data report."),
     "export": ("easysft.commands.export", "Export a model (merge a LoRA adapter into a full checkpoint)."),
     "dashboard": ("easysft.commands.dashboard", "Local web page: runs, live curves, data report, predictions, chat."),
+    "env": ("easysft.commands.env", "Versions, machine and the defaults a run takes here (for bug reports)."),
 }
 
 

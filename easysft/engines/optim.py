@@ -141,9 +141,8 @@ def _has_dtensor(groups: list[dict]) -> bool:
 
 
 def build_scheduler(optimizer, *, name: str, num_warmup_steps: int, num_training_steps: int):
-    """transformers' schedule of that name (linear, cosine, cosine_with_restarts, polynomial, constant...)."""
-    from transformers import get_scheduler
+    """The ``--lr_scheduler_type`` schedule of that name (linear, cosine, cosine_with_restarts, polynomial,
+    constant...): transformers' curves, without importing transformers (easysft/engines/schedules.py)."""
+    from easysft.engines.schedules import build_schedule
 
-    return get_scheduler(
-        name, optimizer=optimizer, num_warmup_steps=num_warmup_steps, num_training_steps=max(num_training_steps, 1)
-    )
+    return build_schedule(optimizer, name, num_warmup_steps, max(num_training_steps, 1))

@@ -148,3 +148,19 @@ def test_packing_is_on_by_default_and_group_by_length_pads():
     assert TrainConfig().packing is True
     assert TrainConfig(group_by_length=True).packing is False
     assert TrainConfig(packing=False).packing is False
+
+
+def test_env_prints_versions_machine_and_defaults(capsys):
+    from importlib import metadata
+
+    import torch
+
+    from easysft.dtypes import dtype_for_device
+
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert f"transformers: {metadata.version('transformers')}" in out and f"torch: {torch.__version__}" in out
+    assert f"deepspeed {metadata.version('deepspeed')}" in out and "vllm not installed" in out
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert f"default dtype (--dtype auto): {dtype_for_device('auto', device)} (" in out
+    assert ("CPU only" in out) != torch.cuda.is_available()
