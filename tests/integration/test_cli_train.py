@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -164,3 +166,24 @@ def test_env_prints_versions_machine_and_defaults(capsys):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     assert f"default dtype (--dtype auto): {dtype_for_device('auto', device)} (" in out
     assert ("CPU only" in out) != torch.cuda.is_available()
+
+
+# What a plain run may print: easysft's own lines and progress bars (ours and transformers' weight loading/saving).
+OWN_LINE = re.compile(
+    r"^(memory estimate per device|trainable parameters:|eval step \d+:|trained \d+ steps|saved the model to|"
+    r"easysft: note:|data report|\s+|(Loading weights|Writing model shards|train|tokenizing):\s+\d+%.*)")
+
+
+def test_a_plain_training_run_prints_no_third_party_noise(tiny_model_dir, qa_data_dir, tmp_path):
+    """Optional packages imported on the way (torchao, deepspeed, bitsandbytes through transformers/peft) must not
+    print on a run that uses none of them: every output line is one of easysft's own, or a progress bar."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run([sys.executable, "-m", "easysft", "train", "--model_name_or_path", tiny_model_dir,
+                           "--data_path", qa_data_dir, "--max_steps", "1", "--output_dir", str(tmp_path / "run"),
+                           "--cache_dir", str(tmp_path / "cache"), "--tensorboard", "false"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line for line in re.split(r"[\r\n]", done.stdout + done.stderr) if line.strip()]
+    noise = [line for line in lines if not OWN_LINE.match(line)]
+    assert not noise, noise
+    assert any(line.startswith("saved the model to") for line in lines)

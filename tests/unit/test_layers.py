@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "easysft"
 
 # Bottom first. Units on one line are one layer: they may not import each other.
 LAYERS = [
-    ("errors", "files", "dtypes", "testing_hooks"),
+    ("errors", "files", "dtypes", "testing_hooks", "quiet"),
     ("config",),
     ("distributed",),
     ("data",),
