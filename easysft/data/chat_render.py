@@ -16,7 +16,11 @@ How the supervised tokens are found, without generation markers or per-model pat
    after the template's generation header, searching forward from the previous turn (a template that renders
    earlier turns differently once later turns exist). When the template dropped the turn's reasoning in context,
    the reasoning-free rendering is located instead and the turn is counted in ``reasoning_lost_turns``.
-4. ``T`` is tokenized with character offsets; a token is supervised when it STARTS inside a located span.
+4. ``T`` is tokenized piece by piece, cut at every assistant turn's start and end, with character offsets; a
+   token is supervised when it STARTS inside a located span. Cutting there means no token spans a turn
+   boundary, so the inference prompt of a turn (its text is ``T`` up to the turn, tokenized with the same cuts)
+   is a token prefix of the sample even where a tokenizer would merge the generation header with the turn's
+   first characters (``"\\n<"``); the sample still decodes to exactly ``T``.
 
 ``--reasoning mask`` leaves the reasoning (and the tags around it) of each turn unsupervised; ``drop`` removes it
 before rendering. A template that does not render ``reasoning_content`` at all gets the reasoning folded into
@@ -37,6 +41,7 @@ from __future__ import annotations
 import bisect
 import json
 import re
+import sys
 from dataclasses import dataclass
 
 from easysft.data.conversations import CONTENT_WITH_REASONING, PRIVATE_KEYS, Conversation, without_reasoning
@@ -82,6 +87,8 @@ class ChatRenderer:
             raise ConfigError("conversations need a fast tokenizer (character offsets); this one is slow.")
         self.tokenizer, self.options = tokenizer, options
         self.label = template_label(tokenizer)
+        self._warned = False  # the prefix-mismatch warning is printed once
+        self._newline_ids = list(tokenizer("\n", add_special_tokens=False)["input_ids"])
         self._control = _control_tokens(tokenizer)
         self.renders_reasoning = _PROBE_REASONING in self._render_raw(
             [{"role": "user", "content": "q"},
@@ -116,9 +123,15 @@ class ChatRenderer:
 
     def prompt_ids(self, messages, tools) -> list[int]:
         """The ids inference feeds the model for the next assistant turn: the rendering of ``messages`` with the
-        generation prompt, tokenized as the training sample is (so it is a token prefix of it)."""
+        generation prompt, tokenized as the training sample is (cut at the same turn boundaries), so that it is a
+        token prefix of the training sample of the whole conversation."""
+        messages = list(messages)
         text = self.render(messages, tools, generation_prompt=True)
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        try:
+            _, _, cuts = self._spans(text, messages, tools, self._turn_renders(messages, tools, self._assistant(messages)))
+        except Exception:  # noqa: BLE001 -- a turn the template will not locate: plain tokenization
+            cuts = []
+        return self._encode(text, cuts)[0]
 
     # -------------------------------------------------------------------------------------------- labelling
 
@@ -155,30 +168,62 @@ class ChatRenderer:
         sample["conversation"]["dropped_turns"] = dropped
         return sample
 
-    def _to_supervise(self, messages: list[dict]) -> list[int]:
-        assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    @staticmethod
+    def _assistant(messages: list[dict]) -> list[int]:
+        return [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+
+    def _to_supervise(self, messages: list[dict]) -> set[int]:
+        assistant = self._assistant(messages)
         if self.options.train_on == "last":
             assistant = assistant[-1:]
-        return [i for i in assistant if messages[i].get("train", True)]
+        return {i for i in assistant if messages[i].get("train", True)}
+
+    def _turn_renders(self, messages: list[dict], tools, turns: list[int]) -> list[tuple[int, str, str]]:
+        """``(i, prompt, turn)`` renderings for assistant turns ``turns``, in two template calls."""
+        prompts = self.render_many([messages[:i] for i in turns], tools, generation_prompt=True)
+        bodies = self.render_many([messages[: i + 1] for i in turns], tools, generation_prompt=False)
+        return list(zip(turns, prompts, bodies, strict=True))
+
+    def _encode(self, text: str, cuts: list[int]) -> tuple[list[int], list[int]]:
+        """``text`` tokenized piece by piece between the ``cuts`` (turn boundaries), so that no token spans a
+        boundary and the text before any boundary tokenizes the same alone (inference) as inside the whole (the
+        sample): ids and each token's start character. A piece after the first is encoded after a newline that
+        is then removed (as transformers' ``encode_marked_chat`` does), so SentencePiece tokenizers add no
+        prefix space at a cut."""
+        bounds = [0, *sorted({c for c in cuts if 0 < c < len(text)}), len(text)]
+        pieces = [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+        tok = self.tokenizer
+        ids, starts = [], []
+        encoded = tok([pieces[0]] + ["\n" + piece for piece in pieces[1:]], add_special_tokens=False,
+                      return_offsets_mapping=True)
+        for k, (base, piece) in enumerate(zip(bounds, pieces, strict=False)):
+            piece_ids, offsets = list(encoded["input_ids"][k]), list(encoded["offset_mapping"][k])
+            shift = 0
+            if k:
+                newline = self._newline_ids
+                if piece_ids[: len(newline)] == newline and all(end <= 1 for _, end in offsets[: len(newline)]):
+                    piece_ids, offsets, shift = piece_ids[len(newline):], offsets[len(newline):], 1
+                else:  # the newline merged into the piece: encode it alone
+                    alone = tok(piece, add_special_tokens=False, return_offsets_mapping=True)
+                    piece_ids, offsets = list(alone["input_ids"]), list(alone["offset_mapping"])
+            ids += piece_ids
+            starts += [base + start - shift for start, _ in offsets]
+        return ids, starts
 
     def _sample(self, messages: list[dict], tools, *, check_lost: bool) -> dict | Skip:
         try:
-            supervise = self._to_supervise(messages)
-            # Every rendering this sample needs, in two template calls: the whole conversation and each turn
-            # with what precedes it; each turn's inference prompt.
-            text, *turns = self.render_many([messages] + [messages[: i + 1] for i in supervise], tools,
-                                            generation_prompt=False)
-            prompts = self.render_many([messages[:i] for i in supervise], tools, generation_prompt=True)
+            # Every rendering this sample needs, in three template calls: the whole conversation; each assistant
+            # turn with what precedes it; each turn's inference prompt.
+            text = self.render(messages, tools)
             if check_lost:
                 self._check_nothing_lost(text, messages, tools)
-            spans, counters = self._spans(text, messages, tools, list(zip(supervise, prompts, turns, strict=True)))
+            renders = self._turn_renders(messages, tools, self._assistant(messages))
+            spans, counters, cuts = self._spans(text, messages, tools, renders, self._to_supervise(messages))
         except DataError:
             raise
         except Exception as exc:  # noqa: BLE001 -- a template's raise_exception or a Jinja error on this row
             return Skip("unparseable_dialogue", f"{self.label} refused it: {str(exc).splitlines()[0][:200]}")
-        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = list(encoded["input_ids"]), encoded["offset_mapping"]
-        starts = [start for start, _ in offsets]
+        ids, starts = self._encode(text, cuts)
         labels = [IGNORE_INDEX] * len(ids)
         for start, end, kind in spans:
             first, last = bisect.bisect_left(starts, start), bisect.bisect_left(starts, end)
@@ -187,22 +232,18 @@ class ChatRenderer:
                     labels[k] = ids[k]
                 elif kind == "reasoning":
                     counters["reasoning_tokens"] += 1
-        for position in counters.pop("prompt_ends"):
-            k = bisect.bisect_left(starts, position)
-            if k >= len(starts) or starts[k] != position:
-                counters["prefix_mismatches"] += 1
         if not any(label != IGNORE_INDEX for label in labels):
             return Skip("no_supervised_tokens", "no assistant turn to supervise")
         return {"input_ids": ids, "labels": labels, "conversation": counters}
 
-    def _spans(self, text: str, messages: list[dict], tools,
-               renders: list[tuple[int, str, str]]) -> tuple[list[tuple[int, int, str]], dict]:
-        """Character spans of ``text``: ('train', start, end) supervised; ('reasoning', ...) counted; plus the
-        counters and the positions where each turn's inference prompt should end (``prompt_ends``).
-        ``renders``: ``(i, prompt, turn)`` for each assistant turn ``i`` to supervise (module docstring)."""
+    def _spans(self, text: str, messages: list[dict], tools, renders: list[tuple[int, str, str]],
+               supervise: set[int] | None = None) -> tuple[list[tuple[int, int, str]], dict, list[int]]:
+        """Where each assistant turn of ``renders`` (``(i, prompt, turn)``, module docstring) lies in ``text``:
+        the spans of the turns in ``supervise`` (('train', start, end) supervised, ('reasoning', ...) counted),
+        the counters, and the cuts (every turn's start and end, where :meth:`_encode` splits the text)."""
         counters = dict.fromkeys(CONVERSATION_COUNTERS, 0)
-        counters["prompt_ends"] = []
         spans: list[tuple[int, int, str]] = []
+        cuts: list[int] = []
         cursor = 0
         for i, prompt, turn in renders:
             if not turn.startswith(prompt):
@@ -213,13 +254,20 @@ class ChatRenderer:
             if text.startswith(prompt) and text.startswith(body, len(prompt)):
                 start = len(prompt)
             else:
-                counters["prefix_mismatches"] += 1
+                if not text.startswith(prompt):  # what inference feeds the model is not what training shows
+                    counters["prefix_mismatches"] += 1
+                    at = next((k for k, (a, b) in enumerate(zip(prompt, text, strict=False)) if a != b),
+                              min(len(prompt), len(text)))
+                    self._warn_mismatch(f"the prompt of the assistant message at index {i} first differs at "
+                                        f"character {at}", text, at)
                 start, body = self._locate(text, messages, tools, i, prompt, body, cursor)
-                if reasoning and reasoning not in body:
+                if reasoning and reasoning not in body and (supervise is None or i in supervise):
                     counters["reasoning_lost_turns"] += 1
-            if text.startswith(prompt):
-                counters["prompt_ends"].append(start)
             end = start + len(body)
+            cuts += [start, end]
+            cursor = end
+            if supervise is not None and i not in supervise:
+                continue
             train_from = start
             at = text.find(reasoning, start, end) if reasoning else -1
             if at >= 0 and self.options.reasoning == "mask":
@@ -228,8 +276,17 @@ class ChatRenderer:
                 spans.append((at, at + len(reasoning), "reasoning"))
             spans.append((train_from, end, "train"))
             counters["turns_supervised"] += 1
-            cursor = end
-        return spans, counters
+        return spans, counters, cuts
+
+    def _warn_mismatch(self, what: str, text: str, at: int) -> None:
+        """One stderr line, the first time (per process) an inference prompt is not a token prefix of the sample
+        (the data report counts every case: ``prefix_mismatches``)."""
+        if self._warned:
+            return
+        self._warned = True
+        print(f"easysft: warning: {self.label}: inference would not see what training saw: {what} of the "
+              f"training rendering (...{text[max(0, at - 40):at]!r} | {text[at:at + 40]!r}...); see "
+              "`easysft prepare --show`.", file=sys.stderr)
 
     def _locate(self, text, messages, tools, i, prompt, body, cursor) -> tuple[int, str]:
         """Where turn ``i`` starts in ``text`` when ``text`` does not start with its prompt (module docstring)."""

@@ -109,7 +109,8 @@ def test_llama3_header_template_with_ipython_role(tokenizer):
     ]
     ids, text = rendered_ids(tok, {**AGENT, "messages": [
         {k: v for k, v in m.items() if k != "reasoning_content"} for m in AGENT["messages"]]})
-    assert sample["input_ids"] == ids
+    # cut at the turn boundaries (so inference prompts are token prefixes), the sample still IS the rendering
+    assert tok.decode(sample["input_ids"]) == text
     assert "<|start_header_id|>ipython<|end_header_id|>\n\n18C, sunny<|eot_id|>" in text
     # the header tokens are single control tokens, and none of them is supervised
     header = tok.convert_tokens_to_ids("<|start_header_id|>")
@@ -118,9 +119,13 @@ def test_llama3_header_template_with_ipython_role(tokenizer):
                if t == header)
 
 
-def test_template_that_drops_earlier_reasoning_trains_what_it_renders(tokenizer):
+def test_template_that_drops_earlier_reasoning_trains_what_it_renders(tokenizer, capsys):
     tok = tokenizer_with(tokenizer, "thinking_drops_history.jinja")
     sample = label(tok, AGENT)
+    warning = capsys.readouterr().err
+    # named once, with the first differing character: where the dropped reasoning of turn 2 would have started
+    assert warning.count("easysft: warning:") == 1
+    assert "the assistant message at index 4 first differs at character" in warning
     assert supervised_runs(tok, sample) == [
         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>',
         "It is 18C and sunny.<|im_end|>",
@@ -326,5 +331,28 @@ def test_inference_prompt_is_a_token_prefix_of_the_training_sample(tokenizer, tm
     path.write_text(json.dumps(AGENT) + "\n")
     for turn in load_examples(str(path), eval_fraction=0.0, conversation_turns="all"):
         ids = example_prompt_ids(tok, Template.from_name("chat"), turn, 64, 4096)
+        assert sample["input_ids"][: len(ids)] == ids and sample["labels"][len(ids)] != IGNORE_INDEX
+        assert sample["labels"][len(ids) - 1] == IGNORE_INDEX
+
+
+def test_turn_boundaries_keep_inference_prompts_token_prefixes_where_whole_tokenization_would_not(tokenizer):
+    """An answer that starts with whitespace: tokenized whole, the generation header's newline and the answer's
+    merge into one "\\n\\n" token, so the inference prompt (ending in the header's newline) would not be a token
+    prefix of the sample. Cut at turn boundaries, every turn's prompt is, and the sample still decodes to the
+    rendering."""
+    tok = tokenizer_with(tokenizer, "default_system.jinja")
+    conv = conversation({"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "\n\nFour"},
+                                      {"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "  Six"}]})
+    renderer = ChatRenderer(tok, ConversationOptions(max_seq_len=4096))
+    sample = renderer.tokenize(conv)
+    text = renderer.render(conv.messages, conv.tools)
+    whole = list(tok(text, add_special_tokens=False)["input_ids"])
+    prompt_text = renderer.render(conv.messages[:1], conv.tools, generation_prompt=True)
+    plain_prompt = list(tok(prompt_text, add_special_tokens=False)["input_ids"])
+    assert text.startswith(prompt_text) and whole[: len(plain_prompt)] != plain_prompt  # the merge
+    assert tok.decode(sample["input_ids"]) == text
+    assert supervised_runs(tok, sample) == ["\n\nFour<|im_end|>", "  Six<|im_end|>"]
+    for i in conv.assistant_indices():
+        ids = renderer.prompt_ids(conv.messages[:i], conv.tools)
         assert sample["input_ids"][: len(ids)] == ids and sample["labels"][len(ids)] != IGNORE_INDEX
         assert sample["labels"][len(ids) - 1] == IGNORE_INDEX
