@@ -44,7 +44,7 @@ def main() -> int:
            "--template", "chat", "--chat_template", "chatml_tools", "--max_seq_len", "768", "--max_steps", str(args.max_steps),
            "--per_device_train_batch_size", str(args.batch), "--learning_rate", str(args.learning_rate),
            "--eval_steps", str(args.max_steps), "--eval_generate", "64", "--eval_max_new_tokens", "48",
-           "--output_dir", out, "--overwrite_output_dir", "--tensorboard", "false", "--save_steps", "0"]
+           "--output_dir", out, "--overwrite_output_dir", "--tensorboard", "false"]
     started = time.time()
     subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
     seconds = time.time() - started

@@ -35,11 +35,24 @@ def start(cfg: DashboardConfig):
     try:
         server = DashboardServer((cfg.host, cfg.port), Api(Roots(cfg.runs)), ChatHost(cfg.dtype), token)
     except OSError as exc:
-        raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port} ({exc.strerror}); pick another --port.") from None
+        raise ConfigError(listen_error(cfg.host, cfg.port, exc)) from None
     host = cfg.host if ":" not in cfg.host else f"[{cfg.host}]"
     shown = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else host
     url = f"http://{shown}:{server.server_address[1]}/" + (f"?token={token}" if token else "")
     return server, url
+
+
+def listen_error(host: str, port: int, exc: OSError) -> str:
+    """Why binding failed, naming the flag to change: a host that does not resolve or is not an address of this
+    machine is --host's fault, a port in use or not allowed is --port's."""
+    import errno
+    import socket
+
+    reason = exc.strerror or str(exc)
+    if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+        return (f"cannot listen on --host {host} ({reason}); give an address of this machine: 127.0.0.1 (this "
+                "machine only) or 0.0.0.0 (every interface).")
+    return f"cannot listen on {host}:{port} ({reason}); pick another --port."
 
 
 def serve(cfg: DashboardConfig, *, ready=None) -> int:

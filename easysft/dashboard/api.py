@@ -12,6 +12,7 @@ from pathlib import Path
 
 from easysft.dashboard.runs import (
     DATA_REPORT,
+    MAX_JSONL_BYTES,
     METRICS,
     PREDICTIONS,
     TRAIN_CONFIG,
@@ -20,14 +21,17 @@ from easysft.dashboard.runs import (
     Roots,
     checkpoints,
     finite,
+    open_inside,
     parse_jsonl_line,
     prediction_steps,
+    read_inside,
     read_json,
-    resolve_inside,
     summarize,
+    unreadable,
 )
 
 MAX_PREDICTION_ROWS = 500
+MAX_SERVED_BYTES = 64 << 20  # /api/file
 # Keys of eval records that are bookkeeping, not curves.
 NOT_CURVES = {"step", "epoch", "eval_num_tokens", "event"}
 
@@ -38,7 +42,15 @@ class Api:
         self.cache = MetricsCache()
 
     def runs(self) -> list[dict]:
-        return [summarize(run_id, folder, self.cache) for run_id, folder in self.roots.discover()]
+        """One row per run; a run whose files cannot be read (whatever the exception) is listed as unreadable
+        instead of failing the whole list."""
+        rows = []
+        for run_id, folder in self.roots.discover():
+            try:
+                rows.append(summarize(run_id, folder, self.cache))
+            except Exception as exc:  # noqa: BLE001 -- RecursionError from deep JSON, refused files, ...
+                rows.append(unreadable(run_id, folder, exc))
+        return rows
 
     def summary(self, run_id: str) -> dict:
         return summarize(run_id, self.roots.run_folder(run_id), self.cache)
@@ -62,12 +74,17 @@ class Api:
 
     def predictions(self, run_id: str, step: int) -> dict:
         """Rows of ``eval_predictions/step-N.jsonl`` (prompt, reference, prediction; malformed lines skipped)."""
-        path = self.roots.run_folder(run_id) / PREDICTIONS / f"step-{int(step)}.jsonl"
-        if not path.is_file():
-            raise NotFound(str(path))
-        rows, total = [], 0
-        with open(path, "rb") as handle:
+        relative = f"{PREDICTIONS}/step-{int(step)}.jsonl"
+        try:
+            handle = open_inside(self.roots.run_folder(run_id), relative, MAX_JSONL_BYTES)
+        except OSError:
+            raise NotFound(relative) from None
+        rows, total, read = [], 0, 0
+        with handle:
             for line in handle:
+                read += len(line)
+                if read > MAX_JSONL_BYTES:  # grew past the cap since it was opened
+                    break
                 record = parse_jsonl_line(line) if line.strip() else None
                 if record is None:
                     continue
@@ -76,12 +93,13 @@ class Api:
                     rows.append({k: _text(record.get(k)) for k in ("prompt", "reference", "prediction")})
         return {"step": int(step), "rows": rows, "total": total}
 
-    def run_file(self, run_id: str, relative: str) -> Path:
-        """A file inside the run's folder (e.g. loss.png); Forbidden for paths leading out of it."""
-        path = resolve_inside(self.roots.run_folder(run_id), relative)
-        if not path.is_file():
-            raise NotFound(relative)
-        return path
+    def run_file(self, run_id: str, relative: str) -> bytes:
+        """The bytes of a file inside the run's folder (e.g. loss.png): Forbidden for paths leading out of it,
+        Refused for anything but a regular file of at most :data:`MAX_SERVED_BYTES`."""
+        try:
+            return read_inside(self.roots.run_folder(run_id), relative, MAX_SERVED_BYTES)
+        except OSError:
+            raise NotFound(relative) from None
 
     def compare(self, run_ids: list[str]) -> dict:
         """Each run's records, and the config keys whose values differ between the runs."""

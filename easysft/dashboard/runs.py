@@ -2,7 +2,9 @@
 
 Run ids are ``"<root index>/<path relative to that root>"`` (``"0"`` for a root that is itself a run); every path
 a request names goes through :func:`resolve_inside`, which refuses anything that resolves outside the roots
-(``..``, absolute paths, symlinks leading out).
+(``..``, absolute paths, symlinks leading out). Every file of a run that is read (train_config.json, metrics.jsonl,
+eval predictions, files served by /api/file...) is opened through :func:`open_inside`: inside the run folder after
+symlinks, a regular file (no FIFO, device or folder), and under a size cap.
 
 Status (see README, Dashboard):
 - ``finished``: the final model is in the folder (``config.json`` or ``adapter_config.json``, and ``easysft.json``);
@@ -22,6 +24,7 @@ import math
 import os
 import re
 import socket
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -43,6 +46,9 @@ RUN_MARKERS = (METRICS, TRAIN_CONFIG, RUN_STATUS)
 NOT_RUNS = {CHECKPOINTS, PREDICTIONS, "tensorboard", ".git", "__pycache__", "node_modules", ".venv"}
 STALE_SECONDS = 600
 MAX_DEPTH = 6
+# Size caps of what is read from a run folder (a symlink to /dev/zero or a runaway file must not exhaust memory).
+MAX_JSON_BYTES = 32 << 20  # train_config.json, data_report.json, run_status.json, trainer_state.json
+MAX_JSONL_BYTES = 256 << 20  # metrics.jsonl (~1M steps), eval_predictions/step-N.jsonl
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _PREDICTIONS_FILE = re.compile(r"^step-(\d+)\.jsonl$")
 
@@ -53,6 +59,11 @@ class NotFound(Exception):
 
 class Forbidden(NotFound):
     """The request names a path outside the roots (``..``, an absolute path, a symlink leading out)."""
+
+
+class Refused(NotFound):
+    """A run's file exists but is not served or read: not a regular file, or larger than its cap (404; the
+    message says which)."""
 
 
 def resolve_inside(root: Path, relative: str) -> Path:
@@ -105,14 +116,56 @@ class Roots:
 
 
 def is_run_folder(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in RUN_MARKERS)
+    try:
+        return any((folder / name).is_file() for name in RUN_MARKERS)
+    except OSError:  # e.g. a folder that cannot be searched (permissions): not listed, the others are
+        return False
+
+
+def open_inside(base: Path, relative: str, limit: int):
+    """``base / relative`` opened for binary reading, only if it resolves (after symlinks) inside ``base``, is a
+    regular file and holds at most ``limit`` bytes. Raises :class:`Forbidden` (leads outside), :class:`Refused`
+    (a FIFO, device or folder; too large) or ``FileNotFoundError`` (missing). Every read of a run's file goes
+    through here: the fixed names (train_config.json, metrics.jsonl...) as much as the paths a request names."""
+    base = base.resolve()
+    try:
+        target = resolve_inside(base, relative)
+    except Forbidden:
+        raise Forbidden(f"{relative} leads outside the run folder") from None
+    except RuntimeError:  # a symlink loop (Python < 3.13)
+        raise Refused(f"{relative}: symlink loop") from None
+    # O_NONBLOCK: opening a FIFO must not block the request thread; O_NOFOLLOW: the path was just resolved, a
+    # symlink there now was swapped in since
+    fd = os.open(target, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise Refused(f"{relative} is not a regular file")
+        if info.st_size > limit:
+            raise Refused(f"{relative} is larger than {limit >> 20} MiB")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_inside(base: Path, relative: str, limit: int) -> bytes:
+    """The bytes of ``base / relative`` through :func:`open_inside` (a file that grew past ``limit`` since it was
+    opened is refused too)."""
+    with open_inside(base, relative, limit) as handle:
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise Refused(f"{relative} is larger than {limit >> 20} MiB")
+    return data
 
 
 def read_json(path: Path) -> dict:
-    """A JSON object from ``path``, or {} when it is missing, half-written or not an object."""
+    """A JSON object from ``path`` (read through :func:`open_inside` of its folder, at most
+    :data:`MAX_JSON_BYTES`), or {} when it is missing, half-written or not an object; a refused file raises."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            value = json.load(handle)
+        value = json.loads(read_inside(path.parent, path.name, MAX_JSON_BYTES))
     except (OSError, ValueError):
         return {}
     return value if isinstance(value, dict) else {}
@@ -179,17 +232,17 @@ class MetricsCache:
     def records(self, path: Path) -> list[dict]:
         """Every complete record of ``path`` so far (a new list; [] when there is no file)."""
         try:
-            stat = path.stat()
+            handle = open_inside(path.parent, path.name, MAX_JSONL_BYTES)
         except OSError:
             return []
-        with self._lock:
+        with handle, self._lock:
+            info = os.fstat(handle.fileno())
             tail = self._tails.get(path)
-            if tail is None or tail.inode != stat.st_ino or stat.st_size < tail.offset:
-                tail = self._tails[path] = _Tail(inode=stat.st_ino)
-            if stat.st_size > tail.offset:
-                with open(path, "rb") as handle:
-                    handle.seek(tail.offset)
-                    chunk = handle.read(stat.st_size - tail.offset)
+            if tail is None or tail.inode != info.st_ino or info.st_size < tail.offset:
+                tail = self._tails[path] = _Tail(inode=info.st_ino)
+            if info.st_size > tail.offset:
+                handle.seek(tail.offset)
+                chunk = handle.read(min(info.st_size, MAX_JSONL_BYTES) - tail.offset)
                 complete = chunk.rfind(b"\n") + 1
                 tail.records += parse_jsonl_lines(chunk[:complete].splitlines())
                 tail.offset += complete
@@ -326,3 +379,18 @@ def summarize(run_id: str, folder: Path, cache: MetricsCache, now: float | None 
         "wall_seconds": (_end_time(folder, status, state, now) - started) if started else None,
         "has_model": has_final_model(folder),
     }
+
+
+def unreadable(run_id: str, folder: Path, exc: BaseException) -> dict:
+    """The runs-list row of a run whose files could not be read or summarised (any exception, e.g. a
+    RecursionError from JSON nested 200 000 deep): listed as ``unreadable`` with a short reason, so one bad
+    folder never takes the others' rows down with it."""
+    if isinstance(exc, NotFound) and str(exc):
+        reason = str(exc)
+    else:
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        reason = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+    return {"id": run_id, "name": folder.name, "path": str(folder), "status": "unreadable",
+            "error": "cannot read this run: " + reason[:200], "model": None, "data": None, "lora_dim": None,
+            "steps_done": 0, "total_steps": None, "last_loss": None, "best_eval": None, "started": None,
+            "wall_seconds": None, "has_model": False}

@@ -106,7 +106,7 @@ def test_token_is_required_off_localhost(tmp_path):
         assert _get(base + "api/runs", {"Authorization": "Bearer wrong-token"})[0] == 401
         status, headers = _get(base + f"?token={token}")
         assert status == 200 and token in headers["Set-Cookie"] and "HttpOnly" in headers["Set-Cookie"]
-        assert _get(base + "api/runs", {"Cookie": f"easysft_dashboard={token}"})[0] == 200
+        assert _get(base + "api/runs", {"Cookie": f"easysft_dashboard_{server.server_address[1]}={token}"})[0] == 200
         assert _get(base + "api/runs", {"Authorization": f"Bearer {token}"})[0] == 200
     finally:
         server.shutdown()
