@@ -320,12 +320,17 @@ class ChatRenderer:
                 if function["name"] not in text:
                     raise lost(f"tool calls (the name {function['name']!r} of message {k})")
                 for key, value in function["arguments"].items():
-                    if key not in text or (isinstance(value, str) and value and value not in text
-                                           and json.dumps(value)[1:-1] not in text):
+                    if not _rendered(key, text) or (isinstance(value, str) and value and not _rendered(value, text)):
                         raise lost(f"tool-call arguments (argument {key!r} of message {k})")
         for tool in tools or ():
             if tool["function"]["name"] not in text:
                 raise lost(f"tools (the schema of {tool['function']['name']!r})")
+
+
+def _rendered(value: str, text: str) -> bool:
+    """Whether ``value`` appears in ``text`` as written or as a JSON string body (templates write arguments with
+    ``tojson``, which escapes newlines and quotes, and keeps or escapes non-ASCII letters)."""
+    return any(form in text for form in (value, json.dumps(value)[1:-1], json.dumps(value, ensure_ascii=False)[1:-1]))
 
 
 def drop_first_round(messages: list[dict]) -> list[dict] | None:
