@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from easysft.config import DataConfig, InferConfig, ModelConfig
 from easysft.config.paths import check_output_file
 from easysft.errors import ConfigError, DataError
-from easysft.files import atomic_open
+from easysft.files import atomic_open, disk_full_reason
 
 DEBUG_ROWS = 32
 COLUMNS = ("prompt", "answer", "prediction")
@@ -49,9 +49,21 @@ def load_split(data_cfg: DataConfig, split: str, seed: int, skipped: list | None
 
 
 def write_predictions(path: str, rows: list[dict], output_format: str) -> None:
-    """Write rows atomically: a temp file in the target folder, then ``os.replace`` (never a half file)."""
+    """Write rows atomically: a temp file in the target folder, then ``os.replace`` (never a half file; an
+    existing file is replaced as a whole). A full disk is one line; the temp file is gone, the target as it was."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    try:
+        _write_rows(path, rows, output_format)
+    except Exception as exc:
+        why = disk_full_reason(exc)
+        if why is None:
+            raise
+        raise ConfigError(f"--inference_output_path {path}: cannot write the predictions ({why}); nothing was "
+                          "written: free space (or give another path), then rerun.") from None
+
+
+def _write_rows(path: str, rows: list[dict], output_format: str) -> None:
     with atomic_open(path, newline="") as out:
         if output_format == "csv":
             with_calls = any("tool_calls" in row for row in rows)  # conversation rows: the parsed calls as JSON
@@ -91,7 +103,8 @@ def run_inference(model_cfg: ModelConfig, data_cfg: DataConfig, infer_cfg: Infer
 
     if not data_cfg.data_path:
         raise ConfigError("--data_path is required: a data folder, file or dataset to generate answers for.")
-    check_output_file(infer_cfg.inference_output_path, flag="--inference_output_path")  # before any generation
+    check_output_file(infer_cfg.inference_output_path, flag="--inference_output_path",  # before any generation
+                      may_exist=infer_cfg.overwrite_output_dir)
     limit_flag, other_flag = (("max_eval_rows", "max_train_rows") if infer_cfg.split == "eval"
                               else ("max_train_rows", "max_eval_rows"))
     if getattr(data_cfg, other_flag) is not None:

@@ -47,8 +47,8 @@ from easysft.checkpoint.rng import rng_state
 from easysft.checkpoint.tensors import save_torch_state
 from easysft.config import resume_sensitive_keys
 from easysft.distributed import all_reduce_max, barrier, print0
-from easysft.errors import CheckpointError
-from easysft.files import fsync_dir, fsync_file, is_temporary, write_json_atomic
+from easysft.errors import CheckpointError, TrainingError
+from easysft.files import disk_full_reason, fsync_dir, fsync_file, is_temporary, write_json_atomic
 from easysft.metrics import rewind_metrics
 from easysft.testing_hooks import TestingHooks, pause_for_test
 
@@ -94,20 +94,35 @@ def save(output_dir: str | Path, engine, state: TrainerState, run_config: dict, 
         return path
     if dist.is_main:
         remove_incomplete(output_dir)
-        path.mkdir(parents=True, exist_ok=True)
-    barrier()
-    engine.save_checkpoint(path)  # weights + optimizer + scheduler (sharded engines: every rank writes its shard)
-    save_torch_state(rng_state(), path / f"rng-rank{dist.rank}.pt")
+    try:
+        if dist.is_main:
+            path.mkdir(parents=True, exist_ok=True)
+        barrier()
+        engine.save_checkpoint(path)  # weights + optimizer + scheduler (sharded engines: every rank its shard)
+        save_torch_state(rng_state(), path / f"rng-rank{dist.rank}.pt")
+        if dist.is_main:
+            state.world_size = dist.world_size
+            write_json_atomic(path / TRAINER_STATE, asdict(state))
+            write_json_atomic(path / CONFIG, run_config)
+        barrier()  # every rank's files are written before the marker says so
+        if hooks is not None and hooks.pause_before_complete == state.step:
+            pause_for_test(f"easysft-test: paused before COMPLETE of step {state.step}\n")
+        if dist.is_main:
+            write_json_atomic(path / COMPLETE, {"step": state.step, "files": _sync_and_sizes(path)})
+            fsync_dir(path)
+    except Exception as exc:
+        # A save that failed (a full disk, usually) must not leave its half folder taking the space; the previous
+        # complete checkpoint is untouched. Rank 0 removes it (single process: nobody else writes into it).
+        if dist.is_main and not is_complete(path) and dist.world_size == 1:
+            remove_checkpoint(path)
+        why = disk_full_reason(exc)
+        if why is None:
+            raise
+        done = [p for _, p, complete in list_checkpoints(output_dir) if complete]
+        kept = f"the last complete checkpoint {done[-1]} is kept" if done else "no complete checkpoint exists yet"
+        raise TrainingError(f"cannot write checkpoint {path} ({why}); {kept}: free space, then rerun the same "
+                            "command with --resume.") from None
     if dist.is_main:
-        state.world_size = dist.world_size
-        write_json_atomic(path / TRAINER_STATE, asdict(state))
-        write_json_atomic(path / CONFIG, run_config)
-    barrier()  # every rank's files are written before the marker says so
-    if hooks is not None and hooks.pause_before_complete == state.step:
-        pause_for_test(f"easysft-test: paused before COMPLETE of step {state.step}\n")
-    if dist.is_main:
-        write_json_atomic(path / COMPLETE, {"step": state.step, "files": _sync_and_sizes(path)})
-        fsync_dir(path)
         if save_total_limit:
             _apply_retention(output_dir, save_total_limit, keep=path, protect=protect)
     barrier()

@@ -108,6 +108,9 @@ class InferConfig:
     seed: int = field(default=1234, metadata=_help("Sampling seed."))
     debug: bool = field(default=False, metadata=_help("Only the first 32 rows."))
     dtype: str = field(default="auto", metadata=_help(AUTO_DTYPE_HELP))
+    overwrite_output_dir: bool = field(
+        default=False, metadata=_help("Replace an existing --inference_output_path file (as a whole).")
+    )
     local_rank: int = field(default=-1, metadata=_help("Set by the deepspeed launcher; leave alone."))
     tensor_parallel: bool = field(
         default=False,

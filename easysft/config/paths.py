@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from easysft.errors import ConfigError
+from easysft.files import sweep_stale_temporaries
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -55,20 +56,49 @@ def check_output_folder(path: str | os.PathLike, *, flag: str = "--output_dir", 
     folder = Path(path).expanduser()
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"{flag} {shown} is a file; give a folder path.")
+    if folder.is_dir():
+        sweep_stale_temporaries(folder)  # a killed earlier command's temporaries do not make a folder "used"
     if not may_be_used and is_used_folder(folder):
         raise ConfigError(f"{flag} {shown} is not empty (another run's files?); {used_hint}.")
     check_writable(folder, flag, shown)
     return folder
 
 
-def check_output_file(path: str | os.PathLike, *, flag: str) -> Path:
-    """The file ``path`` if a command may (over)write it; ConfigError naming ``flag`` otherwise."""
+def check_output_file(path: str | os.PathLike, *, flag: str, may_exist: bool = True,
+                      used_hint: str = "pass --overwrite_output_dir to replace it") -> Path:
+    """The file ``path`` if a command may write it (an existing file only when ``may_exist``: it is then
+    replaced as a whole); ConfigError naming ``flag`` otherwise."""
     shown = str(path)
     target = Path(path).expanduser()
     if target.is_dir():
         raise ConfigError(f"{flag} {shown} is a folder; give a file path such as {target / 'predictions.csv'}.")
+    if target.parent.is_dir():
+        sweep_stale_temporaries(target.parent, only=target.name)
+    if not may_exist and (target.exists() or target.is_symlink()):
+        raise ConfigError(f"{flag} {shown} already exists; {used_hint}, or give another path.")
     check_writable(target.parent, flag, shown)
     return target
+
+
+def check_not_read_from(output: str | os.PathLike, sources: dict[str, str | os.PathLike | None], *,
+                        flag: str = "--output_dir") -> None:
+    """ConfigError when the output folder is a folder that is read to build the output (``sources``: what ->
+    path, e.g. the adapter's base model): writing there would replace files the result, or another model built
+    on it (a sibling adapter), depends on. Symlinks and relative spellings are resolved first."""
+    out = Path(output).expanduser()
+    if not out.exists():
+        return
+    out = out.resolve()
+    for what, source in sources.items():
+        if source is None:
+            continue
+        src = Path(source).expanduser()
+        if not src.exists():
+            continue
+        src = src.resolve()
+        if src == out:
+            raise ConfigError(f"{flag} {output} is {what} ({source}), which this command reads; writing there "
+                              "would replace files it (and anything built on it) depends on: give another folder.")
 
 
 @contextlib.contextmanager

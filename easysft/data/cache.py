@@ -20,6 +20,7 @@ timeout passes (``$EASYSFT_DATA_WAIT_S``, default 3600 s).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 
 from easysft.data.samples import SampleView, SplitWriter
 from easysft.errors import DataError
+from easysft.files import sweep_stale_temporaries, terminate_raises
 
 # Bump when adapters, tokenization or the stored format change what an entry holds.
 CACHE_FORMAT = 3  # 2: raw .bin arrays written in chunks, read as memory maps; 3: a conversation is one sample
@@ -84,13 +86,16 @@ def tokenizer_fingerprint(tokenizer) -> str:
 class EntryWriter:
     """Writes one entry into a temporary folder: ``writer.splits["train"].append(...)``, then :meth:`commit`.
 
-    Use it as a context manager: leaving the block without a commit (an error, an interrupt) removes the
-    temporary folder, so nothing half-written is ever found.
+    Use it as a context manager: leaving the block without a commit (an error, a full disk, Ctrl-C, SIGTERM)
+    removes the temporary folder, so nothing half-written is ever found. Temporary folders of processes that died
+    before their clean-up (SIGKILL, power loss) are swept when the next writer starts.
     """
 
     def __init__(self, root: str, key: str):
         self.root, self.key = root, key
         os.makedirs(root, exist_ok=True)
+        sweep_stale_temporaries(root)
+        self._signals = contextlib.ExitStack()
         self.tmp = os.path.join(root, f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         os.makedirs(self.tmp)
         self.splits = {split: SplitWriter(self.tmp, split) for split in ("train", "eval")}
@@ -119,13 +124,29 @@ class EntryWriter:
         return final
 
     def __enter__(self) -> EntryWriter:
+        self._signals.enter_context(terminate_raises())  # SIGTERM unwinds through __exit__ below
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.path is None:
-            for writer in self.splits.values():
-                writer.close()
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        try:
+            if self.path is None:
+                for writer in self.splits.values():
+                    _close_quietly(writer)
+                shutil.rmtree(self.tmp, ignore_errors=True)
+        finally:
+            self._signals.close()
+
+
+def _close_quietly(writer: SplitWriter) -> None:
+    """Close a split's files when the entry is abandoned. Closing flushes the buffers, which raises again on a
+    full disk; each failed close still closes its own file, so retrying closes the rest (an open file would keep
+    its blocks on the disk after the folder is removed)."""
+    for _ in range(4):
+        try:
+            writer.close()
+            return
+        except OSError:
+            continue
 
 
 def save_entry(root: str, key: str, train: list[dict], evals: list[dict], report: dict, meta: dict) -> str:

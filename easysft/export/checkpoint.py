@@ -15,8 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from easysft.config import ExportConfig, ModelConfig
-from easysft.config.paths import check_output_folder
-from easysft.errors import ConfigError
+from easysft.config.paths import check_not_read_from, check_output_folder
+from easysft.errors import ConfigError, EasySFTError
 
 
 def check_output_dir(model_cfg: ModelConfig, export_cfg: ExportConfig) -> Path:
@@ -25,7 +25,37 @@ def check_output_dir(model_cfg: ModelConfig, export_cfg: ExportConfig) -> Path:
     source = Path(model_cfg.model_name_or_path).expanduser()
     if source.is_dir() and out.is_dir() and source.resolve() == out.resolve():
         raise ConfigError("--output_dir is the --model_name_or_path folder; export into a different folder.")
+    if out.is_dir():
+        check_not_read_from(out, _read_folders(model_cfg.model_name_or_path))
     return check_output_folder(export_cfg.output_dir, may_be_used=export_cfg.overwrite_output_dir)
+
+
+def _read_folders(model_name_or_path: str) -> dict[str, str]:
+    """The local folders an export reads: the adapter's base model and the tokenizer's folder (an unresolvable
+    path reports itself when the model loads)."""
+    from easysft.models.load import resolve_model_path
+
+    try:
+        resolved = resolve_model_path(model_name_or_path)
+    except EasySFTError:
+        return {}
+    folders = {"the adapter's base model": resolved.path} if resolved.adapter_path is not None else {}
+    folders.setdefault("the tokenizer's folder", resolved.tokenizer_path)
+    if resolved.tokenizer_path != resolved.path:
+        folders["the tokenizer's folder"] = resolved.tokenizer_path
+    return folders
+
+
+def disk_full_error(out: Path, exc: BaseException) -> ConfigError | None:
+    """The one line for an export that met a full disk (its temporaries are already gone); None otherwise."""
+    from easysft.files import disk_full_reason
+
+    why = disk_full_reason(exc)
+    if why is None:
+        return None
+    return ConfigError(f"--output_dir {out}: cannot write the export ({why}); its temporary files were removed and "
+                       "what the folder held before is unchanged: free space (or give another --output_dir), then "
+                       "rerun.")
 
 
 def load_for_export(model_cfg: ModelConfig, merge: bool):
@@ -62,5 +92,11 @@ def export_checkpoint(model_cfg: ModelConfig, export_cfg: ExportConfig) -> str:
         model = model.to(torch_dtype(export_cfg.dtype))
         if not is_adapter:
             model.config.dtype = DTYPE_NAMES[export_cfg.dtype]
-    save_model_folder(model, tokenizer, out, meta=meta)
+    try:
+        save_model_folder(model, tokenizer, out, meta=meta)
+    except Exception as exc:
+        error = disk_full_error(out, exc)
+        if error is None:
+            raise
+        raise error from None
     return f"exported a {what} to {out}"

@@ -149,21 +149,35 @@ def converted_tensors(model, spec: ArchSpec, gguf_type: str):
 
 
 def _write_atomically(target: Path, write) -> None:
-    """``write(tmp_path)`` then fsync and rename over ``target``; the temporary is removed on any failure."""
-    from easysft.files import fsync_file, temporary_path
-
-    tmp = temporary_path(target)
-    try:
-        write(tmp)
-        fsync_file(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """``write(tmp_path)`` then fsync and rename over ``target``; the temporary is removed on any failure,
+    SIGTERM included."""
+    _write_all_atomically({target: write})
 
 
-def write_gguf(path: Path, model, tokenizer, template, meta: dict, spec: ArchSpec, gguf_type: str) -> dict:
-    """Write the GGUF for ``model`` atomically; returns {tensor type name: count} for the summary."""
+def _write_all_atomically(writers: dict) -> None:
+    """Each ``writer(tmp_path)`` of ``{target: writer}`` into its own temporary, fsynced; only when every one is
+    written are they renamed into place, so a failure (a full disk, SIGTERM, Ctrl-C) leaves the folder as it was
+    and no temporary behind."""
+    from easysft.files import fsync_file, temporary_path, terminate_raises
+
+    temps = {target: temporary_path(target) for target in writers}
+    with terminate_raises():
+        try:
+            for target, write in writers.items():
+                write(temps[target])
+                fsync_file(temps[target])
+            for target, tmp in temps.items():
+                os.replace(tmp, target)
+        except BaseException:
+            for tmp in temps.values():
+                tmp.unlink(missing_ok=True)
+            raise
+
+
+def write_gguf(path: Path, model, tokenizer, template, meta: dict, spec: ArchSpec, gguf_type: str,
+               also: dict | None = None) -> dict:
+    """Write the GGUF for ``model`` atomically (with the files of ``also``: {path: text}, renamed into place
+    together with it); returns {tensor type name: count} for the summary."""
     import gguf
 
     from easysft.export.gguf_vocab import build_vocab, write_vocab
@@ -193,7 +207,13 @@ def write_gguf(path: Path, model, tokenizer, template, meta: dict, spec: ArchSpe
         writer.write_tensors_to_file()
         writer.close()
 
-    _write_atomically(path, write)
+    def text_writer(text: str):
+        def write_text(tmp: Path) -> None:
+            with open(tmp, "w", encoding="utf-8") as handle:
+                handle.write(text)
+        return write_text
+
+    _write_all_atomically({path: write, **{Path(p): text_writer(t) for p, t in (also or {}).items()}})
     return counts
 
 
@@ -201,9 +221,8 @@ def export_gguf(model_cfg: ModelConfig, export_cfg: ExportConfig) -> str:
     """The whole command: check, load (merging any adapter), write model.gguf + Modelfile + easysft.json."""
     from transformers import AutoConfig
 
-    from easysft.export.checkpoint import check_output_dir, load_for_export
+    from easysft.export.checkpoint import check_output_dir, disk_full_error, load_for_export
     from easysft.export.modelfile import modelfile_text
-    from easysft.files import write_json_atomic, write_text_atomic
     from easysft.models.load import resolve_model_path
     from easysft.models.meta import resolve_settings
 
@@ -218,10 +237,16 @@ def export_gguf(model_cfg: ModelConfig, export_cfg: ExportConfig) -> str:
     settings = resolve_settings(meta, tokenizer, {})
     out.mkdir(parents=True, exist_ok=True)
     target = out / GGUF_NAME
-    counts = write_gguf(target, model, tokenizer, settings.template, meta, spec, export_cfg.gguf_type)
-    write_text_atomic(out / "Modelfile", modelfile_text(GGUF_NAME, settings.template, tokenizer,
-                                                        settings.generation, settings.max_new_tokens))
-    write_json_atomic(out / "easysft.json", meta)
+    also = {out / "Modelfile": modelfile_text(GGUF_NAME, settings.template, tokenizer, settings.generation,
+                                              settings.max_new_tokens),
+            out / "easysft.json": json.dumps(meta, indent=2, ensure_ascii=False, default=str) + "\n"}
+    try:
+        counts = write_gguf(target, model, tokenizer, settings.template, meta, spec, export_cfg.gguf_type, also)
+    except Exception as exc:
+        error = disk_full_error(out, exc)
+        if error is None:
+            raise
+        raise error from None
     size_mb = target.stat().st_size / 1e6
     kinds = ", ".join(f"{count} {kind}" for kind, count in sorted(counts.items()))
     return (f"exported a {what} as GGUF {export_cfg.gguf_type} to {target} ({size_mb:.1f} MB; tensors: {kinds}) "

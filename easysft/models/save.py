@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from easysft.files import write_json_atomic
+from easysft.files import sweep_stale_temporaries, terminate_raises, write_json_atomic
 from easysft.models.load import EASYSFT_META
 
 MARKER_FILES = ("config.json", "adapter_config.json")
@@ -32,7 +32,15 @@ def save_model_folder(
     output_dir = Path(output_dir)
     check_finite(state_dict if state_dict is not None else model.state_dict(), output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".model-tmp-", dir=output_dir))
+    sweep_stale_temporaries(output_dir)  # what a killed earlier save left behind
+    with terminate_raises():  # SIGTERM: the finally below still removes the temporary folder
+        _save_into(model, tokenizer, output_dir, meta, state_dict, merge_lora)
+    return output_dir
+
+
+def _save_into(model, tokenizer, output_dir: Path, meta: dict, state_dict, merge_lora: bool) -> None:
+    # The pid in the name lets a later save sweep it when this process dies before its clean-up.
+    tmp = Path(tempfile.mkdtemp(prefix=f".model-tmp-{os.getpid()}-", dir=output_dir))
     try:
         if merge_lora:
             from easysft.models.lora import merged_state_dict
@@ -59,7 +67,6 @@ def save_model_folder(
             os.replace(tmp / name, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return output_dir
 
 
 def check_finite(state_dict: dict, output_dir: Path) -> None:

@@ -16,8 +16,9 @@ from easysft import checkpoint
 from easysft.config import DataConfig, GenerateConfig, LoraConfig, ModelConfig, TrainConfig
 from easysft.distributed import barrier, print0
 from easysft.dtypes import autocast_dtype
-from easysft.errors import TrainingError
+from easysft.errors import EasySFTError, TrainingError
 from easysft.evaluation import evaluate
+from easysft.files import disk_full_reason
 from easysft.metrics import plot_losses
 from easysft.models.save import save_model_folder
 from easysft.testing_hooks import maybe_fail
@@ -36,11 +37,24 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig, 
           gen_cfg: GenerateConfig | None = None) -> TrainResult:
     """Fine-tune ``model_cfg``'s model on ``data_cfg``'s data; write the model and logs to ``output_dir``."""
     with output_lock(train_cfg):  # a second run into the same output_dir fails at once (training/run.py)
-        run = setup(model_cfg, data_cfg, train_cfg, lora_cfg or LoraConfig(), gen_cfg or GenerateConfig())
+        try:
+            run = setup(model_cfg, data_cfg, train_cfg, lora_cfg or LoraConfig(), gen_cfg or GenerateConfig())
+        except Exception as exc:  # a full disk while writing the run's first files (config, data report)
+            why = disk_full_reason(exc)
+            if why is None or isinstance(exc, EasySFTError):
+                raise
+            raise TrainingError(f"cannot write into {train_cfg.output_dir} ({why}); nothing was trained: free "
+                                "space (or give another --output_dir), then rerun.") from None
         status = RunStatus(run.output_dir, enabled=run.dist.is_main)  # run_status.json, read by the dashboard
         status.write("running")
         try:
-            result = _train_loop(run, train_cfg)
+            try:
+                result = _train_loop(run, train_cfg)
+            except Exception as exc:  # a full disk in any write (metrics, checkpoint, model): one line, exit 6
+                why = disk_full_reason(exc)
+                if why is None or isinstance(exc, TrainingError):
+                    raise
+                raise _disk_full_error(run, why) from None
         except BaseException as exc:
             status.stopped(exc)
             raise
@@ -61,38 +75,42 @@ def _train_loop(run: Run, train_cfg: TrainConfig) -> TrainResult:
     progress = tqdm(total=run.total_steps, initial=pos.step, disable=not run.dist.is_main, dynamic_ncols=True,
                     desc="train")
     started, epoch_progress = time.perf_counter(), float(pos.epoch)
-    while pos.step < run.total_steps:
-        plan = run.epoch_plan(pos.epoch)
-        for first in range(pos.next_micro_batch, len(plan.batches), gas):
-            if pos.step >= run.total_steps:
-                break
-            try:
-                record = train_step(run, plan.batches[first : first + gas], pos.step + 1)
-            except torch.OutOfMemoryError:  # one line naming the step, the rows and the levers; checkpoints intact
-                progress.close()
-                raise out_of_memory_at(run, plan.batches[first : first + gas], pos.step + 1) from None
-            pos.step, pos.next_micro_batch = pos.step + 1, first + gas
-            maybe_fail(run.hooks, pos.step, run.dist.rank)  # testing hook (EASYSFT_FAIL_AT_STEP)
-            epoch_progress = pos.epoch + min(1.0, (first + gas) / len(plan.batches))
-            pos.nonfinite_in_a_row = 0 if record.finite else pos.nonfinite_in_a_row + 1
-            if not record.finite:
-                _skip_nonfinite(run, record, progress)
-            _log_step(run, record, epoch_progress, progress)
-            if cfg.eval_steps and pos.step % cfg.eval_steps == 0:
-                run_eval(run, pos.step, epoch_progress)
-            stop_reason = stopper.should_stop(pos.step)
-            if stop_reason:
-                saved = save_state(run, "preempted")
-                progress.close()
-                raise signals.Preempted(signals.stopped_message(stop_reason, pos.step, saved))
-            if cfg.save_steps and pos.step % cfg.save_steps == 0:
-                save_state(run, "save_steps")
-        pos.epoch, pos.next_micro_batch = pos.epoch + 1, 0
-        history = run.result.eval_history
-        if pos.step < run.total_steps and history and history[-1]["step"] != pos.step:
-            run_eval(run, pos.step, float(pos.epoch))  # end of a full epoch
-    if not run.result.eval_history or run.result.eval_history[-1]["step"] != pos.step:
-        run_eval(run, pos.step, epoch_progress)
+    try:
+        while pos.step < run.total_steps:
+            plan = run.epoch_plan(pos.epoch)
+            for first in range(pos.next_micro_batch, len(plan.batches), gas):
+                if pos.step >= run.total_steps:
+                    break
+                try:
+                    record = train_step(run, plan.batches[first : first + gas], pos.step + 1)
+                except torch.OutOfMemoryError:  # one line naming the step, rows and levers; checkpoints intact
+                    progress.close()
+                    raise out_of_memory_at(run, plan.batches[first : first + gas], pos.step + 1) from None
+                pos.step, pos.next_micro_batch = pos.step + 1, first + gas
+                maybe_fail(run.hooks, pos.step, run.dist.rank)  # testing hook (EASYSFT_FAIL_AT_STEP)
+                epoch_progress = pos.epoch + min(1.0, (first + gas) / len(plan.batches))
+                pos.nonfinite_in_a_row = 0 if record.finite else pos.nonfinite_in_a_row + 1
+                if not record.finite:
+                    _skip_nonfinite(run, record, progress)
+                _log_step(run, record, epoch_progress, progress)
+                if cfg.eval_steps and pos.step % cfg.eval_steps == 0:
+                    run_eval(run, pos.step, epoch_progress)
+                stop_reason = stopper.should_stop(pos.step)
+                if stop_reason:
+                    saved = save_state(run, "preempted")
+                    progress.close()
+                    raise signals.Preempted(signals.stopped_message(stop_reason, pos.step, saved))
+                if cfg.save_steps and pos.step % cfg.save_steps == 0:
+                    save_state(run, "save_steps")
+            pos.epoch, pos.next_micro_batch = pos.epoch + 1, 0
+            history = run.result.eval_history
+            if pos.step < run.total_steps and history and history[-1]["step"] != pos.step:
+                run_eval(run, pos.step, float(pos.epoch))  # end of a full epoch
+        if not run.result.eval_history or run.result.eval_history[-1]["step"] != pos.step:
+            run_eval(run, pos.step, epoch_progress)
+    except BaseException:
+        progress.close()  # before the error line, so the bar is not redrawn after it
+        raise
     progress.close()
     stopper.restore()
     run.result.steps = pos.step
@@ -168,18 +186,29 @@ def save_final_model(run: Run) -> None:
                               state_dict=state_dict if getattr(run.engine, "gathers_state_dict", False) else None,
                               # base weights trained too: the adapter alone would not be the model, save merged
                               merge_lora=run.lora_cfg.enabled and not run.lora_cfg.only_optimize_lora)
-        except OSError as exc:  # e.g. a full disk: keep the finished training if at all possible
-            raise _final_save_failed(run, exc) from None
+        except Exception as exc:  # noqa: BLE001 -- a full disk raises OSError, SafetensorError, RuntimeError...
+            why = disk_full_reason(exc) or (exc.strerror if isinstance(exc, OSError) else None)
+            if why is None and not isinstance(exc, OSError):
+                raise
+            # Keep the finished training if at all possible
+            raise _final_save_failed(run, why or str(exc)) from None
         run.metrics.close()
         plot_losses(Path(run.output_dir) / "metrics.jsonl", Path(run.output_dir) / "loss.png")
         print0(f"saved the model to {run.output_dir}")
     barrier()
 
 
-def _final_save_failed(run: Run, exc: OSError) -> TrainingError:
+def _disk_full_error(run: Run, why: str) -> TrainingError:
+    """The one line for a write that met a full disk during training; names the last complete checkpoint."""
+    done = [p for _, p, complete in checkpoint.list_checkpoints(run.output_dir) if complete]
+    keep = (f"the last complete checkpoint {done[-1]} is kept: free space, then rerun the same command with "
+            "--resume" if done else "no checkpoint was saved yet: free space, then rerun")
+    return TrainingError(f"cannot write into {run.output_dir} at step {run.position.step} ({why}); {keep}.")
+
+
+def _final_save_failed(run: Run, why: str) -> TrainingError:
     """The error for a final save that failed (its temporary folder is already gone). Single process: try a
     resumable checkpoint of the finished run, so `--resume` writes the model later without training again."""
-    why = exc.strerror or str(exc)
     saved = None
     if run.dist.world_size == 1:
         try:

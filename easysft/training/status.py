@@ -36,13 +36,31 @@ class RunStatus:
         try:
             write_json_atomic(self.path, record)
         except OSError:  # a status file must never be the reason a run fails
+            self._write_in_place(record)
+
+    def _write_in_place(self, record: dict) -> None:
+        """Fallback when the atomic write failed (a full disk has no room for the temporary copy): rewrite the
+        existing file's own blocks, so that a failed run does not keep saying "running"."""
+        import json
+
+        data = (json.dumps(record, indent=2, ensure_ascii=False, default=str) + "\n").encode()
+        try:
+            with open(self.path, "r+b") as handle:
+                handle.write(data)
+                handle.truncate()
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError:
             pass
 
     def stopped(self, exc: BaseException) -> None:
         """Record how training ended by an exception: preempted (signal, checkpoint saved) or failed."""
+        from easysft.files import Terminated
         from easysft.training.signals import Preempted
 
         if isinstance(exc, Preempted):
             self.write("preempted", error=str(exc))
+        elif isinstance(exc, Terminated):  # SIGTERM outside the loop (the final save): no checkpoint of it
+            self.write("failed", error="terminated by SIGTERM")
         else:
             self.write("failed", error=(str(exc).splitlines() or [type(exc).__name__])[0][:500])
