@@ -34,13 +34,39 @@ from easysft.loss import model_inputs
 
 def load_probe_samples(path: str, tokenizer, template, *, max_prompt_len: int, max_ans_len: int,
                        max_rows: int = 256) -> list[dict]:
-    """Tokenized probe samples ({input_ids, labels}), at most ``max_rows``; DataError when none is usable."""
+    """Tokenized probe samples ({input_ids, labels}), at most ``max_rows``; DataError when none is usable.
+
+    Every error reading the file or folder is one line naming ``--probe_data`` (the readers it shares with
+    ``--data_path`` name that flag, which the user did not give here)."""
     if not Path(path).exists():
         raise ConfigError(f"--probe_data {path}: no such file or folder.")
+    try:
+        samples = _read_probe_samples(path, tokenizer, template, max_prompt_len=max_prompt_len,
+                                      max_ans_len=max_ans_len)
+    except (ConfigError, DataError) as exc:
+        raise type(exc)(_as_probe_error(str(exc), path)) from None
+    if not samples:
+        raise DataError(f"--probe_data {path}: no usable row (give a .txt file of passages, or prompt/answer rows).")
+    return samples[:max_rows]
+
+
+def _as_probe_error(message: str, path: str) -> str:
+    """A reader's message, as said of --probe_data: '--data_path X: ...' -> '--probe_data X: ...'; a message
+    that starts with a file's location gets the flag in front of it."""
+    if message.startswith("--data_path"):
+        return "--probe_data" + message[len("--data_path"):]
+    if message.startswith(str(path)):
+        return f"--probe_data {message}"
+    return f"--probe_data {path}: {message}"
+
+
+def _read_probe_samples(path: str, tokenizer, template, *, max_prompt_len: int, max_ans_len: int) -> list[dict]:
     samples: list[dict] = []
     if str(path).endswith(".txt"):
+        from easysft.data.readers import read_text_file
+
         limit = max_prompt_len + max_ans_len
-        for line in Path(path).read_text(encoding="utf-8").splitlines():
+        for line in read_text_file(path).splitlines():
             ids = tokenizer(line.strip(), add_special_tokens=False)["input_ids"][:limit] if line.strip() else []
             if len(ids) >= 2:
                 samples.append({"input_ids": ids, "labels": [IGNORE_INDEX] + ids[1:]})
@@ -53,9 +79,7 @@ def load_probe_samples(path: str, tokenizer, template, *, max_prompt_len: int, m
                                           max_ans_len=max_ans_len, template=template, context=ex.context or None)
                 if isinstance(sample, dict) and any(label != IGNORE_INDEX for label in sample["labels"]):
                     samples.append(sample)
-    if not samples:
-        raise DataError(f"--probe_data {path}: no usable row (give a .txt file of passages, or prompt/answer rows).")
-    return samples[:max_rows]
+    return samples
 
 
 def _scored_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,10 +21,12 @@ import importlib
 import importlib.util
 import json
 import math
+import numbers
 import re
 from collections.abc import Callable
 from pathlib import Path
 
+from easysft.config.values import finite_number
 from easysft.errors import ConfigError
 
 BUILTIN_METRICS = ("exact_match", "rouge_l", "chrf", "bleu")
@@ -106,9 +108,10 @@ def call_user_metric(function: UserMetric, predictions: list[str], references: l
     for key, value in values.items():
         if not isinstance(key, str) or not key.replace("_", "").isalnum():
             raise ConfigError(f"--eval_metric {name} returned the name {key!r}; use letters, digits and '_'.")
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy scalars are Real too
             raise ConfigError(f"--eval_metric {name} returned {key}={value!r:.40}; each value must be a number.")
-        checked[key] = float(value)
+        # The config values' own check: NaN or inf would be logged as non-JSON and could never rank an eval.
+        checked[key] = finite_number(f"--eval_metric {name}: the value of {key!r}", value)
     return checked
 
 

@@ -27,7 +27,13 @@ ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "flex", "varlen", "flash_attention_2", "
 # e.g. a smaller batch after an out-of-memory error).
 RESUME_SENSITIVE = "resume_sensitive"
 
+# Field metadata key: the interval (``"(0, inf)"``, ``"[0, 1)"``) a numeric field's value, or each item of a list
+# field, must lie in; checked with the type and finiteness in ``easysft.config.values.normalise_fields``.
+BOUNDS = "bounds"
 
-def _help(text: str, *, resume_sensitive: bool = False, **extra: Any) -> dict:
-    """Field metadata: the flag's help text, argparse extras, and whether changing it breaks a resume."""
-    return {"help": text, **extra} | ({RESUME_SENSITIVE: True} if resume_sensitive else {})
+
+def _help(text: str, *, resume_sensitive: bool = False, bounds: str | None = None, **extra: Any) -> dict:
+    """Field metadata: the flag's help text, argparse extras, whether changing it breaks a resume, and the
+    interval its value must lie in (``bounds``, see :data:`BOUNDS`)."""
+    return ({"help": text, **extra} | ({RESUME_SENSITIVE: True} if resume_sensitive else {})
+            | ({BOUNDS: bounds} if bounds is not None else {}))

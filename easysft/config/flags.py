@@ -8,7 +8,7 @@ import os
 from dataclasses import fields
 from typing import Any
 
-from easysft.config.fields import RESUME_SENSITIVE
+from easysft.config.fields import BOUNDS, RESUME_SENSITIVE
 from easysft.errors import ConfigError
 
 
@@ -39,6 +39,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, *config_classes: type, 
             seen.add(f.name)
             meta = dict(f.metadata)
             meta.pop(RESUME_SENSITIVE, None)
+            meta.pop(BOUNDS, None)
             help_text = meta.pop("help", None)
             # argparse %-formats help texts: a literal '%' ("45% less memory") would crash `--help`.
             kwargs: dict[str, Any] = {"help": help_text.replace("%", "%%") if help_text else help_text,
@@ -72,26 +73,69 @@ def from_flat_dict(cls: type, values: dict[str, Any]):
 
 
 def load_yaml_config(path: str, valid_keys: set[str]) -> dict[str, Any]:
-    """Read ``--config run.yaml``; keys are flag names; an unknown key is an error listing the valid ones."""
+    """Read ``--config run.yaml``; keys are flag names. An unknown key is an error listing the valid ones; a key
+    given twice in one mapping is an error naming ``file:line`` (YAML would silently keep the last); a file that
+    is not UTF-8 text is an error naming ``file:line``."""
     import yaml
 
     if not os.path.isfile(path):
         raise ConfigError(f"--config {path}: no such file.")
     try:
-        with open(path, encoding="utf-8") as handle:
-            values = yaml.safe_load(handle) or {}
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: cannot read the file ({exc.strerror}).") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"--config {path}:{line}: not UTF-8 text (bad byte at offset {exc.start}); save the "
+                          "config as UTF-8.") from None
+    try:
+        values = yaml.load(text, Loader=_unique_key_loader()) or {}  # noqa: S506 -- a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else path
-        raise ConfigError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)}).") from None
+        raise ConfigError(f"{where}: not valid YAML ({getattr(exc, 'problem', None) or exc}).") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML nested too deeply to read; the top level must be a mapping of flag names "
+                          "to values.") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of flag names to values.")
-    unknown = sorted(set(values) - valid_keys)
+    unknown = sorted(set(map(str, values)) - valid_keys)
     if unknown:
         raise ConfigError(
             f"{path}: unknown key(s) {', '.join(unknown)}; valid keys are: {', '.join(sorted(valid_keys))}."
         )
     return values
+
+
+def _unique_key_loader():
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                first_line: dict[Any, int] = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue  # '<<: *base' merges keys that the mapping's own keys may override
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        hash(key)
+                    except TypeError:
+                        continue  # SafeLoader reports an unhashable key itself
+                    line = key_node.start_mark.line + 1
+                    if key in first_line:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"the key {key!r} is given twice (first on line {first_line[key]}); keep one",
+                            key_node.start_mark)
+                    first_line[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
 
 
 def to_jsonable(*configs: Any) -> dict[str, Any]:

@@ -21,9 +21,12 @@ from easysft.errors import ConfigError
 class LoraConfig:
     """LoRA through PEFT (rank 0 = off)."""
 
-    lora_dim: int = field(default=0, metadata=_help("LoRA rank; 0 disables LoRA.", resume_sensitive=True))
-    lora_alpha: float | None = field(default=None, metadata=_help("LoRA alpha (default: 2 x lora_dim)."))
-    lora_dropout: float = field(default=0.0, metadata=_help("Dropout on the LoRA path."))
+    lora_dim: int = field(default=0, metadata=_help("LoRA rank; 0 disables LoRA.", resume_sensitive=True,
+                                                    bounds="[0, inf)"))
+    lora_alpha: float | None = field(default=None, metadata=_help(
+        "LoRA alpha, > 0: the update is scaled by alpha / lora_dim (default: 2 x lora_dim).", bounds="(0, inf)"))
+    lora_dropout: float = field(default=0.0, metadata=_help("Dropout on the LoRA path, in [0, 1).",
+                                                            bounds="[0, 1)"))
     lora_module_name: str = field(
         default="all-linear",
         metadata=_help(
@@ -37,11 +40,7 @@ class LoraConfig:
     )
 
     def __post_init__(self) -> None:
-        normalise_fields(self)
-        if self.lora_dim < 0:
-            raise ConfigError(f"--lora_dim must be 0 (off) or a positive rank, got {self.lora_dim}.")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        normalise_fields(self)  # type, finiteness and the bounds of lora_dim, lora_alpha, lora_dropout
 
     @property
     def enabled(self) -> bool:

@@ -4,8 +4,10 @@ Flags arrive typed by argparse, but a ``--config run.yaml`` and the Python API p
 reads ``learning_rate: 1e-4`` as the STRING "1e-4" (YAML 1.1 wants a dot in a float), ``max_steps: "2"`` is a
 string, ``print_loss: "no"`` a non-empty (truthy) string, ``resume: true`` a bool. Every config dataclass calls
 :func:`normalise_fields` first in ``__post_init__``, so a field declared ``float`` holds a finite float, ``int`` an
-int (``1.5`` refused, never rounded), ``bool`` a bool, before any range check runs. A bad value is a
-:class:`~easysft.errors.ConfigError` naming the flag.
+int (``1.5`` refused, never rounded), ``bool`` a bool, before any range check runs. A field whose metadata
+carries ``bounds`` (an interval such as ``"(0, inf)"`` or ``"[0, 1)"``, see :func:`check_bounds`) is range-checked
+here too, each item of a list field included. A bad value is a :class:`~easysft.errors.ConfigError` naming the
+flag. A value from a user's function (``--eval_metric``) goes through the same :func:`finite_number`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import dataclasses
 import math
 from typing import Any
 
+from easysft.config.fields import BOUNDS
 from easysft.errors import ConfigError
 
 # numpy and torch accept seeds in [0, 2**32); a negative seed ends in a ValueError deep in numpy otherwise.
@@ -28,14 +31,19 @@ def normalise_fields(config: Any) -> None:
 
     ``None`` stays ``None`` (an optional field left unset). A ``str`` field whose flag has an argparse ``const``
     (``--resume`` alone means 'latest') reads YAML ``true`` as that const and ``false`` as unset. Raises
-    ConfigError on a value that is not of the type, or a non-finite float.
+    ConfigError on a value that is not of the type, a non-finite float, or one outside the field's ``bounds``.
     """
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if value is None:
             continue
         kind = str(f.type).replace(" ", "").split("|")[0]
-        setattr(config, f.name, convert_value(f.name, kind, value, const=f.metadata.get("const")))
+        value = convert_value(f.name, kind, value, const=f.metadata.get("const"))
+        bounds = f.metadata.get(BOUNDS)
+        if bounds is not None:
+            for item in value if isinstance(value, list) else [value]:
+                check_bounds(f"--{f.name}", item, bounds)
+        setattr(config, f.name, value)
 
 
 def convert_value(name: str, kind: str, value: Any, *, const: Any = None) -> Any:
@@ -61,11 +69,42 @@ def convert_value(name: str, kind: str, value: Any, *, const: Any = None) -> Any
             raise ConfigError(f"{flag} takes a text value, got {type(value).__name__} {value!r}.")
         return value
     if kind.startswith("list"):
-        items = [value] if isinstance(value, str) else value
+        items = [value] if isinstance(value, (str, int, float)) and not isinstance(value, bool) else value
         if not isinstance(items, (list, tuple)) or not all(isinstance(i, (str, int, float)) for i in items):
             raise ConfigError(f"{flag} takes one or more text values, got {value!r}.")
+        if kind == "list[float]":
+            numbers = []
+            for item in items:
+                try:
+                    numbers.append(_to_float(flag, item))
+                except ConfigError:
+                    raise ConfigError(f"{flag} {' '.join(map(str, items))}: give numbers (finite; not {item!r}).") \
+                        from None
+            return numbers
         return [str(i) for i in items]
     return value
+
+
+def check_bounds(flag: str, value: float, bounds: str) -> float:
+    """``value`` if it lies in the interval ``bounds`` (``"(0, inf)"``, ``"[0, 1)"``, ``"[1, 65536]"``: a round
+    bracket excludes its end, ``inf`` means no upper end); ConfigError naming ``flag`` otherwise."""
+    low_text, high_text = (part.strip() for part in bounds[1:-1].split(","))
+    low, high = float(low_text), float(high_text)
+    low_ok = value > low if bounds[0] == "(" else value >= low
+    high_ok = high == math.inf or (value < high if bounds[-1] == ")" else value <= high)
+    if low_ok and high_ok:
+        return value
+    if high == math.inf:
+        rule = f"greater than {low_text}" if bounds[0] == "(" else f"at least {low_text}"
+    else:
+        rule = f"in {bounds}"
+    raise ConfigError(f"{flag} must be {rule}, got {value:g}.")
+
+
+def finite_number(what: str, value: Any) -> float:
+    """``value`` as a finite float: a flag, a YAML value or a number a user's function returned (``what`` names
+    it); ConfigError on text, a bool, NaN or an infinity."""
+    return _to_float(what, value)
 
 
 def check_seed(value: int, flag: str = "--seed") -> int:
@@ -118,6 +157,8 @@ def _to_float(flag: str, value: Any) -> float:
         number = float(value.strip() if isinstance(value, str) else value)
     except (TypeError, ValueError):
         raise ConfigError(f"{flag} must be a number, got {value!r}.") from None
+    except OverflowError:  # an int too large for a float (a YAML number with hundreds of digits)
+        raise ConfigError(f"{flag} must be a finite number, got {value!r:.40}.") from None
     if not math.isfinite(number):
-        raise ConfigError(f"{flag} must be a finite number, got {value!r}.")
+        raise ConfigError(f"{flag} must be a finite number, got {value!r:.40}.")
     return number

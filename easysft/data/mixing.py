@@ -24,6 +24,9 @@ import numpy as np
 from easysft.errors import DataError
 
 MODES = ("downsample", "upsample")
+# Most samples one epoch may hold: its sample list (8 bytes each, plus the shuffled copy) must fit in memory. An
+# upsampled epoch this large means weights thousands of times apart, almost always a typo (1e-12 for 1e-2).
+MAX_EPOCH_SAMPLES = 100_000_000
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,27 @@ class MixPlan:
             ranges.append((start, start + kept))
             start += kept
         total = float(sum(weights))
-        return cls(tuple(names), tuple(ranges), tuple(float(w) / total for w in weights), mode)
+        plan = cls(tuple(names), tuple(ranges), tuple(float(w) / total for w in weights), mode)
+        plan.check_epoch_size(weights)
+        return plan
+
+    def epoch_size(self) -> float:
+        """Samples per epoch before rounding (a float: uneven weights can make it astronomically large)."""
+        # A weight so much smaller than another that its share underflows to 0 needs an endless upsampled epoch.
+        ratios = [n / w if w > 0.0 else float("inf") for n, w in zip(self.sizes, self.weights, strict=True)]
+        return min(ratios) if self.mode == "downsample" else max(ratios)
+
+    def check_epoch_size(self, weights) -> None:
+        """DataError naming --data_weights when an epoch would hold more than MAX_EPOCH_SAMPLES samples (its sample
+        list could not be allocated), before any array of that size is made."""
+        epoch = self.epoch_size()
+        if epoch <= MAX_EPOCH_SAMPLES:
+            return
+        shown = " ".join(f"{float(w):g}" for w in weights)
+        sizes = ", ".join(str(n) for n in self.sizes)
+        raise DataError(f"--data_weights {shown} with --mixing {self.mode}: an epoch would hold {epoch:.3g} samples "
+                        f"(sources of {sizes} training samples; at most {MAX_EPOCH_SAMPLES:,} are allowed); give "
+                        "less uneven weights, or use --mixing downsample.")
 
     @property
     def sizes(self) -> list[int]:
@@ -58,11 +81,9 @@ class MixPlan:
 
     def counts(self) -> list[int]:
         """Samples drawn from each source per epoch (the same every epoch)."""
-        sizes = self.sizes
+        sizes, epoch = self.sizes, self.epoch_size()
         if self.mode == "downsample":
-            epoch = min(n / w for n, w in zip(sizes, self.weights, strict=True))
             return [max(1, min(n, round(w * epoch))) for n, w in zip(sizes, self.weights, strict=True)]
-        epoch = max(n / w for n, w in zip(sizes, self.weights, strict=True))
         return [max(n, round(w * epoch)) for n, w in zip(sizes, self.weights, strict=True)]
 
     def population(self, seed: int, epoch: int) -> np.ndarray:

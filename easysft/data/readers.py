@@ -60,6 +60,14 @@ def format_location(source: str, row: int | str) -> str:
 # JSON and JSON Lines
 
 
+def read_text_file(path: str) -> str:
+    """The whole file as text (BOM removed); one-line DataError naming ``file:line`` when it cannot be read or is
+    not UTF-8 (every text file a flag names is read through here or the JSON Lines reader)."""
+    if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
+        raise DataError(f"{path}: not a regular file (a device or pipe); give a real text file.")
+    return _read_text(path)
+
+
 def _read_text(path: str) -> str:
     """The whole file as text (BOM removed); one-line DataError when it is missing or not UTF-8."""
     try:
@@ -228,12 +236,32 @@ def _load_table(path: str):
             "features": datasets.Features({name: datasets.Value("string") for name in columns}),
             "keep_default_na": False,
         }
+    elif _parquet_rows(path) == 0:
+        # datasets fails on a table without rows ("An error occurred while generating the dataset"): give the
+        # empty table itself, so the source reports "no training rows found" as an empty JSON Lines file does.
+        return datasets.Dataset.from_dict({name: [] for name in _parquet_columns(path)})
     try:
         return datasets.load_dataset(kind, data_files=path, split="train", **kwargs)
     except Exception as exc:  # noqa: BLE001 -- pyarrow/pandas raise many types; we report one line
         raise DataError(
             f"{path}: cannot read it as {kind} ({_first_line(exc)}); check that it is a valid .{kind} file."
         ) from None
+
+
+def _parquet_rows(path: str) -> int | None:
+    """The row count in a parquet file's footer; None when the footer cannot be read (datasets then reports)."""
+    try:
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    except Exception:  # noqa: BLE001 -- not parquet at all: the load below gives the one-line error
+        return None
+
+
+def _parquet_columns(path: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return list(pq.ParquetFile(path).schema_arrow.names)
 
 
 def _csv_header(path: str) -> list[str]:
@@ -275,6 +303,8 @@ def open_hf_dataset(path: str) -> dict[str, Any]:
     saved = os.path.isdir(path) and any(
         os.path.isfile(os.path.join(path, name)) for name in ("dataset_dict.json", "state.json")
     )
+    if os.path.isdir(path) and not saved:
+        _check_one_format(path)
     try:
         loaded = datasets.load_from_disk(path) if saved else datasets.load_dataset(path)
     except Exception as exc:  # noqa: BLE001 -- hub/network/format errors of every kind become one line
@@ -288,6 +318,33 @@ def open_hf_dataset(path: str) -> dict[str, Any]:
     if isinstance(loaded, datasets.Dataset):
         return {"train": loaded}
     return dict(loaded)
+
+
+# The data formats `datasets` loads a plain folder with, by builder: it picks ONE builder for a folder (the most
+# common extension; parquet on a draw) and silently ignores the files of every other format.
+_FOLDER_FORMATS = {".json": "json", ".jsonl": "json", ".ndjson": "json", ".csv": "csv", ".tsv": "csv",
+                   ".parquet": "parquet", ".arrow": "arrow", ".txt": "text"}
+
+
+def _check_one_format(folder: str) -> None:
+    """DataError listing the files when a data folder holds data files of more than one format.
+
+    Refused rather than read all: `datasets` would train on one format's files only, and reading every file would
+    have to guess how a CSV's text cells, a parquet's typed columns and JSON rows combine and in which order. Each
+    file given as its own --data_path is read exactly, reported per source, and can be weighted."""
+    found: dict[str, list[str]] = {}
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")))
+        for name in sorted(files):
+            builder = _FOLDER_FORMATS.get(os.path.splitext(name)[1].lower())
+            if builder and not name.startswith((".", "__")):
+                found.setdefault(builder, []).append(os.path.relpath(os.path.join(root, name), folder))
+    if len(found) > 1:
+        files = [name for names in found.values() for name in names]
+        shown = ", ".join(files[:8]) + (f" and {len(files) - 8} more" if len(files) > 8 else "")
+        raise DataError(f"--data_path {folder}: holds data files of {len(found)} formats ({shown}), of which only "
+                        "one format would be read; pass the files themselves instead of the folder (each is then "
+                        "its own source), or keep one format in the folder.")
 
 
 def dataset_records(dataset, source: str) -> list[RawRecord]:
