@@ -1,11 +1,11 @@
-"""Render the README's benchmark blocks and ``bench/results/*.md`` from ``bench/results/*.json``; or check them.
+"""Render the benchmark blocks of ``docs/benchmarks.md`` and ``bench/results/*.md`` from ``bench/results/*.json``; or check them.
 
-    python -m bench.readme_tables           # rewrite the README blocks and the results .md files
+    python -m bench.readme_tables           # rewrite the docs/benchmarks.md blocks and the results .md files
     python -m bench.readme_tables --check   # exit 1 (and say which) when any of them differs from its JSON
 
-A block is the text between ``<!-- BENCH:name -->`` and ``<!-- /BENCH:name -->`` in README.md; :data:`BLOCKS`
+A block is the text between ``<!-- BENCH:name -->`` and ``<!-- /BENCH:name -->`` in docs/benchmarks.md; :data:`BLOCKS`
 says which results file and which renderer (:mod:`bench.tables`) make it. The suite runs the check
-(``tests/unit/test_bench_accounting.py``), so a README figure cannot drift from the results files.
+(``tests/unit/test_bench_accounting.py``), so a documented figure cannot drift from the results files.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from bench.tables import infer_markdown, lora_markdown, release_memory_markdown,
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-README = ROOT / "README.md"
+README = ROOT / "docs" / "benchmarks.md"  # the page holding the BENCH blocks (the README links to it)
 
 # block name -> (results file stem, renderer)
 BLOCKS = {
@@ -95,11 +95,11 @@ def differences() -> list[str]:
     for name, (stem, _) in BLOCKS.items():
         have_json = (RESULTS / f"{stem}.json").exists()
         if name in current and not have_json:
-            problems.append(f"README.md block BENCH:{name} has no bench/results/{stem}.json to be rendered from")
+            problems.append(f"docs/benchmarks.md block BENCH:{name} has no bench/results/{stem}.json to be rendered from")
         elif have_json and name not in current:
-            problems.append(f"README.md has no <!-- BENCH:{name} --> block for bench/results/{stem}.json")
+            problems.append(f"docs/benchmarks.md has no <!-- BENCH:{name} --> block for bench/results/{stem}.json")
         elif have_json and current[name] != render_block(name):
-            problems.append(f"README.md block BENCH:{name} differs from bench/results/{stem}.json")
+            problems.append(f"docs/benchmarks.md block BENCH:{name} differs from bench/results/{stem}.json")
     for stem in rendered_pages():
         json_path, md_path = RESULTS / f"{stem}.json", RESULTS / f"{stem}.md"
         if json_path.exists() and (not md_path.exists() or md_path.read_text(encoding="utf-8") != results_page(stem)):

@@ -1,4 +1,4 @@
-"""The estimate column of the README's H200 memory table is what easysft's memory check computes for those runs
+"""The estimate column of the H200 memory table in docs/memory.md is what easysft's memory check computes for those runs
 (`python -m bench.bench_memory --gpu --estimate_only`: the runs' own flags and data, the model configs, no GPU),
 so the prediction printed next to the pending measurements cannot drift from the code."""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from bench.bench_memory import GPU_ROWS, estimate_gpu_modes, write_data
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = Path(__file__).resolve().parents[2] / "docs" / "memory.md"  # the memory page (was in README.md)
 
 
 def test_readme_gpu_memory_estimates_are_the_code_s(tmp_path):

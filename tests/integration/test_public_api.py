@@ -1,4 +1,4 @@
-"""The public API stays callable: the README's Python API block runs as written, twice in one process, after
+"""The public API stays callable: the Python API block of docs/python-api.md runs as written, twice in one process, after
 every easysft submodule has been imported (a submodule named like a public function would shadow it)."""
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import pytest
 
 import easysft
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = Path(__file__).resolve().parents[2] / "docs" / "python-api.md"  # was in README.md
 
 
 def readme_api_example() -> str:
     text = README.read_text(encoding="utf-8")
     match = re.search(r"<!-- API-EXAMPLE -->\s*```python\n(.*?)```", text, flags=re.S)
-    assert match, "README.md lost its <!-- API-EXAMPLE --> python block"
+    assert match, "docs/python-api.md lost its <!-- API-EXAMPLE --> python block"
     return match.group(1)
 
 
@@ -53,7 +53,7 @@ def test_readme_python_api_runs_twice(tmp_path, monkeypatch, capsys):
     code = readme_api_example()
     for run in range(2):
         namespace: dict = {}
-        exec(compile(code, f"README.md API example (run {run + 1})", "exec"), namespace)  # noqa: S102
+        exec(compile(code, f"docs/python-api.md API example (run {run + 1})", "exec"), namespace)  # noqa: S102
         assert len(namespace["result"].losses) == 2
         assert namespace["result"].final_eval.num_tokens > 0
     assert (tmp_path / "runs" / "x" / "model.safetensors").is_file()
