@@ -54,6 +54,8 @@ REASONING = ("train", "mask", "drop")
 CONVERSATION_COUNTERS = ("turns_supervised", "reasoning_tokens", "reasoning_lost_turns", "prefix_mismatches",
                          "dropped_turns")
 _PROBE_REASONING = "easysft-reasoning-probe-7f3a"
+# Distinct text pieces whose tokenization is kept (a tools block or system prompt repeats across conversations).
+PIECE_CACHE_SIZE = 4096
 # After a reasoning text: the tag that closes it (</think>, </reasoning> ...) and the whitespace around it.
 _REASONING_TAIL = re.compile(r"\s*(?:</[A-Za-z_|-]{1,40}>)?\s*")
 
@@ -89,16 +91,55 @@ class ChatRenderer:
         self.label = template_label(tokenizer)
         self._warned = False  # the prefix-mismatch warning is printed once
         self._newline_ids = list(tokenizer("\n", add_special_tokens=False)["input_ids"])
+        self._control_ids, self._split_tokens = _exact_control_tokens(tokenizer)
+        self._piece_cache: dict[tuple[bool, str], tuple[list[int], list[int]]] = {}
         self._control = _control_tokens(tokenizer)
+        self._compiled = None
+        self._compiled = self._fast_path()
         self.renders_reasoning = _PROBE_REASONING in self._render_raw(
             [{"role": "user", "content": "q"},
              {"role": "assistant", "content": "a", "reasoning_content": _PROBE_REASONING}], None, False)
 
     # -------------------------------------------------------------------------------------------- rendering
 
-    def _render_raw(self, messages: list[dict], tools, generation_prompt: bool) -> str:
+    def _render_raw(self, messages: list, tools, generation_prompt: bool):
+        """The template's text for one message list (or a list of texts for a list of message lists)."""
+        if self._compiled is not None:
+            batch = messages if messages and isinstance(messages[0], list) else [messages]
+            texts = [self._compiled.render(messages=[_aliased(m) for m in conversation], tools=tools,
+                                           documents=None, add_generation_prompt=generation_prompt,
+                                           **self._template_kwargs) for conversation in batch]
+            return texts if batch is messages else texts[0]
         return self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
                                                   add_generation_prompt=generation_prompt)
+
+    def _fast_path(self):
+        """The tokenizer's chat template compiled by transformers itself, rendered directly with our already plain
+        messages: what ``apply_chat_template`` does minus its per-call copying of messages and tools (most of
+        the cost of a render). Used only when it renders a probe conversation (tools, a tool call, a tool
+        result, reasoning) exactly as ``apply_chat_template`` does on this transformers version; else None."""
+        try:
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+
+            self._compiled = _compile_jinja_template(self.tokenizer.chat_template)
+        except Exception:  # noqa: BLE001 -- not this transformers version's internals: the public path
+            return None
+        self._template_kwargs = dict(self.tokenizer.special_tokens_map)
+        probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                 {"role": "assistant", "content": "", "reasoning_content": "r", "tool_calls": [
+                     {"type": "function", "function": {"name": "f", "arguments": {"a": "1"}}}]},
+                 {"role": "tool", "content": "t"}, {"role": "assistant", "content": "c"}]
+        tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+        compiled, self._compiled = self._compiled, None
+        try:
+            expected = [self._render_raw(probe[:k], tools, gen) for k in (2, 5) for gen in (False, True)]
+            self._compiled = compiled
+            if [self._render_raw(probe[:k], tools, gen) for k in (2, 5) for gen in (False, True)] == expected:
+                return compiled
+        except Exception:  # noqa: BLE001 -- a template that refuses the probe: keep the public path
+            pass
+        self._compiled = None
+        return None
 
     def template_message(self, message: dict) -> dict:
         """A normalised message as the template receives it (reasoning folded when the template ignores it)."""
@@ -187,28 +228,52 @@ class ChatRenderer:
     def _encode(self, text: str, cuts: list[int]) -> tuple[list[int], list[int]]:
         """``text`` tokenized piece by piece between the ``cuts`` (turn boundaries), so that no token spans a
         boundary and the text before any boundary tokenizes the same alone (inference) as inside the whole (the
-        sample): ids and each token's start character. A piece after the first is encoded after a newline that
-        is then removed (as transformers' ``encode_marked_chat`` does), so SentencePiece tokenizers add no
-        prefix space at a cut."""
-        bounds = [0, *sorted({c for c in cuts if 0 < c < len(text)}), len(text)]
-        pieces = [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
-        tok = self.tokenizer
+        sample): ids and each token's start character.
+
+        The text is also split around the tokenizer's exact-match control tokens (``<|im_start|>``...), which is
+        where the tokenizer itself splits, so the ids do not change; what this buys is that the pieces between
+        them (a tools block, a system prompt) repeat across conversations and are tokenized once
+        (:attr:`_piece_cache`). A piece after the first is encoded after a newline that is then removed (as
+        transformers' ``encode_marked_chat`` does), so SentencePiece tokenizers add no prefix space at a cut."""
+        bounds = {c for c in cuts if 0 < c < len(text)}
+        if self._split_tokens is not None:
+            for found in self._split_tokens.finditer(text):
+                bounds.update(found.span())
+        bounds = [0, *sorted(b for b in bounds if 0 < b < len(text)), len(text)]
+        pieces = [(a, text[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
+        missing = {(k > 0, piece) for k, (_, piece) in enumerate(pieces)
+                   if piece not in self._control_ids and (k > 0, piece) not in self._piece_cache}
+        if missing:
+            self._encode_pieces(sorted(missing))
         ids, starts = [], []
-        encoded = tok([pieces[0]] + ["\n" + piece for piece in pieces[1:]], add_special_tokens=False,
+        for k, (base, piece) in enumerate(pieces):
+            if piece in self._control_ids:
+                ids.append(self._control_ids[piece])
+                starts.append(base)
+                continue
+            piece_ids, piece_starts = self._piece_cache[(k > 0, piece)]
+            ids += piece_ids
+            starts += [base + start for start in piece_starts]
+        return ids, starts
+
+    def _encode_pieces(self, keys: list[tuple[bool, str]]) -> None:
+        """Tokenize ``(after_a_cut, piece)`` keys in one call into :attr:`_piece_cache` (bounded: cleared when
+        full; the pieces worth keeping, the ones every conversation repeats, come back at once)."""
+        if len(self._piece_cache) + len(keys) > PIECE_CACHE_SIZE:
+            self._piece_cache.clear()
+        tok, newline = self.tokenizer, self._newline_ids
+        encoded = tok(["\n" + piece if after else piece for after, piece in keys], add_special_tokens=False,
                       return_offsets_mapping=True)
-        for k, (base, piece) in enumerate(zip(bounds, pieces, strict=False)):
+        for k, (after, piece) in enumerate(keys):
             piece_ids, offsets = list(encoded["input_ids"][k]), list(encoded["offset_mapping"][k])
             shift = 0
-            if k:
-                newline = self._newline_ids
+            if after:
                 if piece_ids[: len(newline)] == newline and all(end <= 1 for _, end in offsets[: len(newline)]):
                     piece_ids, offsets, shift = piece_ids[len(newline):], offsets[len(newline):], 1
                 else:  # the newline merged into the piece: encode it alone
                     alone = tok(piece, add_special_tokens=False, return_offsets_mapping=True)
                     piece_ids, offsets = list(alone["input_ids"]), list(alone["offset_mapping"])
-            ids += piece_ids
-            starts += [base + start - shift for start, _ in offsets]
-        return ids, starts
+            self._piece_cache[(after, piece)] = (piece_ids, [start - shift for start, _ in offsets])
 
     def _sample(self, messages: list[dict], tools, *, check_lost: bool) -> dict | Skip:
         try:
@@ -343,6 +408,26 @@ def drop_first_round(messages: list[dict]) -> list[dict] | None:
     if len(users) < 2:
         return None
     return messages[:head] + messages[users[1]:]
+
+
+def _aliased(message: dict) -> dict:
+    """The message with its reasoning also under ``thinking`` (gpt-oss templates read that name), as
+    ``apply_chat_template`` passes it."""
+    if "reasoning_content" in message and "thinking" not in message:
+        return {"thinking": message["reasoning_content"], **message}
+    return message
+
+
+def _exact_control_tokens(tokenizer) -> tuple[dict[str, int], re.Pattern | None]:
+    """The added tokens the tokenizer splits text around exactly (no lstrip/rstrip/single_word, not normalized):
+    ``{text: id}`` and a regex matching any of them (longest first), or None."""
+    exact = {}
+    for token_id, added in getattr(tokenizer, "added_tokens_decoder", {}).items():
+        if added.content and not (added.lstrip or added.rstrip or added.single_word or added.normalized):
+            exact[added.content] = token_id
+    if not exact:
+        return exact, None
+    return exact, re.compile("|".join(map(re.escape, sorted(exact, key=len, reverse=True))))
 
 
 def _control_tokens(tokenizer):
