@@ -241,8 +241,12 @@ class ChatRenderer:
                 bounds.update(found.span())
         bounds = [0, *sorted(b for b in bounds if 0 < b < len(text)), len(text)]
         pieces = [(a, text[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
-        missing = {(k > 0, piece) for k, (_, piece) in enumerate(pieces)
-                   if piece not in self._control_ids and (k > 0, piece) not in self._piece_cache}
+        keys = {(k > 0, piece) for k, (_, piece) in enumerate(pieces) if piece not in self._control_ids}
+        missing = keys - self._piece_cache.keys()
+        if len(self._piece_cache) + len(missing) > PIECE_CACHE_SIZE:
+            # full: start again (the pieces worth keeping, the ones every conversation repeats, come back at once)
+            self._piece_cache.clear()
+            missing = keys
         if missing:
             self._encode_pieces(sorted(missing))
         ids, starts = [], []
@@ -257,10 +261,7 @@ class ChatRenderer:
         return ids, starts
 
     def _encode_pieces(self, keys: list[tuple[bool, str]]) -> None:
-        """Tokenize ``(after_a_cut, piece)`` keys in one call into :attr:`_piece_cache` (bounded: cleared when
-        full; the pieces worth keeping, the ones every conversation repeats, come back at once)."""
-        if len(self._piece_cache) + len(keys) > PIECE_CACHE_SIZE:
-            self._piece_cache.clear()
+        """Tokenize ``(after_a_cut, piece)`` keys in one call into :attr:`_piece_cache`."""
         tok, newline = self.tokenizer, self._newline_ids
         encoded = tok(["\n" + piece if after else piece for after, piece in keys], add_special_tokens=False,
                       return_offsets_mapping=True)

@@ -147,3 +147,31 @@ def test_bf16_weights_need_bf16():
     with pytest.raises(ConfigError, match="--bf16_weights needs --dtype bf16"):
         TrainConfig(bf16_weights=True, dtype="fp32")
     assert TrainConfig(bf16_weights=True).dtype == "auto"  # resolved to bf16 when the run starts
+
+
+def test_bf16_weights_set_up_bf16_trainable_parameters_and_the_master_weight_optimizer(tiny_model_dir, data_dir,
+                                                                                       tmp_path):
+    """After set-up (before any step) --bf16_weights holds the model in bf16 and steps it with
+    MasterWeightAdamW, whose fp32 masters are copies of exactly the model's trainable parameters; without the
+    flag the same set-up is fp32 weights and plain AdamW."""
+    from easysft.config import GenerateConfig
+    from easysft.engines.optim import MasterWeightAdamW
+    from easysft.training.run import setup
+
+    def set_up(out, **kwargs):
+        run = setup(ModelConfig(model_name_or_path=tiny_model_dir), DataConfig(data_path=[data_dir]),
+                    TrainConfig(output_dir=str(out), **COMMON, **kwargs), LoraConfig(), GenerateConfig())
+        model, optimizer = run.engine.unwrapped_model(), run.engine.optimizer
+        return run, [p for p in model.parameters() if p.requires_grad], optimizer
+
+    run, trainable, optimizer = set_up(tmp_path / "pure", dtype="bf16", bf16_weights=True)
+    assert run.train_cfg.dtype == "bf16" and trainable
+    assert {p.dtype for p in trainable} == {torch.bfloat16}
+    assert type(optimizer) is MasterWeightAdamW
+    assert len(optimizer.model_params) == len(trainable)
+    assert {id(p) for p in optimizer.model_params} == {id(p) for p in trainable}
+    assert {m.dtype for m in optimizer.master_params} == {torch.float32}
+    for param, master in zip(optimizer.model_params, optimizer.master_params, strict=True):
+        assert torch.equal(master, param.float())  # the masters start as the loaded weights
+    _, trainable, optimizer = set_up(tmp_path / "fp32")
+    assert {p.dtype for p in trainable} == {torch.float32} and type(optimizer) is torch.optim.AdamW

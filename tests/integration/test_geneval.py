@@ -57,6 +57,7 @@ def test_best_eval_is_the_final_model_and_survives_retention(tiny_model_dir, qa_
         assert all(isinstance(r[key], float) for r in evals), key
     rows = [json.loads(line) for line in (out / "eval_predictions" / "step-2.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and set(rows[0]) == {"prompt", "reference", "prediction"}
+    assert_logged_scores_are_the_saved_predictions(out, evals)
     saved = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert saved == ["step-2", "step-4"]  # the limit keeps the newest; the best is never rotated away
     meta = json.loads((out / "easysft.json").read_text())
@@ -67,6 +68,24 @@ def test_best_eval_is_the_final_model_and_survives_retention(tiny_model_dir, qa_
     assert all(torch.equal(final[k], best[k]) for k in best)
     assert any(not torch.equal(last[k], best[k]) for k in best)  # and it is not simply the last step's weights
     assert meta["generation"]["repetition_penalty"] == 1.0 and meta["generation"]["do_sample"] is False
+
+
+def assert_logged_scores_are_the_saved_predictions(out: Path, evals: list[dict]) -> None:
+    """Every eval's logged generation metrics are easysft.scoring.score of the predictions it saved (not of the
+    references against themselves): recomputed from eval_predictions/step-N.jsonl of the same eval."""
+    from easysft.scoring import score
+
+    differs = False
+    for record in evals:
+        path = out / "eval_predictions" / f"step-{record['step']}.jsonl"
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        predictions = [r["prediction"] for r in rows]
+        references = [r["reference"] for r in rows]
+        differs |= predictions != references
+        want = score(predictions, references, [r["prompt"] for r in rows])
+        for name in ("exact_match", "rouge_l", "chrf", "bleu"):
+            assert record[f"eval_{name}"] == pytest.approx(want[name], rel=1e-9, abs=1e-12), (record["step"], name)
+    assert differs  # a random tiny model does not reproduce the references: the scores can tell them apart
 
 
 def test_best_so_far_survives_a_resume(tiny_model_dir, qa_data_dir, tmp_path, monkeypatch):

@@ -2,8 +2,9 @@
 
 Tiny models (2-layer Llama fine-tuned 2 steps with the real SmolLM2 tokenizer, a merged LoRA run, tiny Qwen2 and
 Qwen3 built from configs) carry the numeric checks; two slow tests share one f16 export of the real bundled
-SmolLM2. llama.cpp itself (tests/llama_cpp_runtime.py, skipped when llama-cpp-cffi is missing) runs the files and
-is compared with `easysft infer`. Every export runs in-process through ``easysft.cli.main``.
+SmolLM2. llama.cpp itself (tests/llama_cpp_runtime.py) runs the files and is compared with `easysft infer`; those
+tests fail when llama-cpp-cffi is installed but unusable and skip, saying so, only when it is not installed. Every
+export runs in-process through ``easysft.cli.main``.
 """
 
 from __future__ import annotations
@@ -159,6 +160,48 @@ def test_f16_logits_and_q8_0_perplexity_stay_close(full_run, tmp_path):
     assert abs(perplexity(model, hf_tok, texts) / reference - 1) < 0.02
 
 
+def test_bf16_round_trip_stores_the_weights_rounded_to_bf16(full_run, tmp_path):
+    """--gguf_type bf16: every 2-D tensor is stored as BF16 and holds exactly the f32 export's values rounded to
+    bf16 (round to nearest even, as torch rounds), 1-D tensors stay F32 and equal; loaded back, the model's
+    parameters are the HF model's rounded to bf16 and its logits stay within bf16 precision of the HF logits."""
+    import gguf
+    import numpy as np
+    from gguf.quants import dequantize
+
+    f32 = export(full_run, tmp_path / "f32", "f32")
+    bf16 = export(full_run, tmp_path / "bf16", "bf16")
+    want = {t.name: t for t in gguf.GGUFReader(f32 / "model.gguf").tensors}
+    got = {t.name: t for t in gguf.GGUFReader(bf16 / "model.gguf").tensors}
+    assert set(got) == set(want) and len(got) > 4
+    assert gguf.GGUFReader(bf16 / "model.gguf").fields["general.file_type"].contents() == \
+        int(gguf.LlamaFileType.MOSTLY_BF16)
+    kinds = {}
+    for name, tensor in got.items():
+        reference = np.array(want[name].data, dtype=np.float32)  # a writable copy of the mapped file
+        values = dequantize(tensor.data, tensor.tensor_type).reshape(reference.shape)
+        kinds[tensor.tensor_type.name] = kinds.get(tensor.tensor_type.name, 0) + 1
+        if reference.ndim == 2:
+            assert tensor.tensor_type == gguf.GGMLQuantizationType.BF16, name
+            rounded = torch.from_numpy(reference).to(torch.bfloat16).float().numpy()
+            assert np.array_equal(values, rounded), name
+            assert not np.array_equal(values, reference), name  # really rounded, not f32 in disguise
+        else:
+            assert tensor.tensor_type == gguf.GGMLQuantizationType.F32, name
+            assert np.array_equal(values, reference), name
+    assert kinds.get("BF16", 0) >= 2 * 7 and kinds.get("F32", 0) >= 2 * 2  # 7 matrices and 2 norms a layer
+    hf_model, hf_tok, meta = load_hf(full_run)
+    model = load_gguf(bf16)
+    hf_state = hf_model.state_dict()
+    for name, value in model.state_dict().items():
+        source = hf_state[name]
+        expected = source.to(torch.bfloat16).float() if source.ndim == 2 else source
+        assert torch.equal(value, expected), name
+    texts = eval_texts(Template.from_name(meta["template"]))
+    for got_logits, want_logits in zip(batch_logits(model, hf_tok, texts), batch_logits(hf_model, hf_tok, texts),
+                                       strict=True):
+        assert (got_logits - want_logits).abs().max() < 5e-2
+
+
 def test_lora_adapter_is_merged_into_the_gguf(small_model_dir, tmp_path, monkeypatch):
     from peft import PeftModel
 
@@ -266,13 +309,23 @@ def test_bundled_smollm2_exports_and_answers_the_same(bundled_f16):
 
 
 def llama_cpp_or_skip():
-    """tests/llama_cpp_runtime.py opened, or a skip naming why (`make setup` installs llama-cpp-cffi with --no-deps)."""
+    """tests/llama_cpp_runtime.py opened. `make setup` installs llama-cpp-cffi (pinned in requirements-lock.txt,
+    --no-deps): when that package is installed but cannot be used (no CPU extension, a symbol missing, another
+    build) the test FAILS with the reason, it never passes as a skip; only a setup without the package at all
+    skips, with the reason and the command that installs it."""
+    from importlib import metadata
+
     from tests import llama_cpp_runtime
 
     try:
         llama_cpp_runtime.load()
     except llama_cpp_runtime.Unavailable as exc:
-        pytest.skip(f"llama.cpp runtime: {exc}")
+        try:
+            installed = metadata.version(llama_cpp_runtime.PACKAGE)
+        except metadata.PackageNotFoundError:
+            pytest.skip(f"llama.cpp runtime not installed, these checks did not run: {exc}")
+        pytest.fail(f"llama.cpp runtime: {llama_cpp_runtime.PACKAGE} {installed} is installed but unusable: {exc}",
+                    pytrace=False)
     return llama_cpp_runtime
 
 

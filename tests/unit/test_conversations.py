@@ -356,3 +356,24 @@ def test_turn_boundaries_keep_inference_prompts_token_prefixes_where_whole_token
         ids = renderer.prompt_ids(conv.messages[:i], conv.tools)
         assert sample["input_ids"][: len(ids)] == ids and sample["labels"][len(ids)] != IGNORE_INDEX
         assert sample["labels"][len(ids) - 1] == IGNORE_INDEX
+
+
+def test_the_piece_cache_never_changes_the_ids(tokenizer, monkeypatch):
+    """Pieces between control tokens are tokenized once and cached; a full cache starts again. Neither may change
+    a sample: every sample equals one made by a renderer whose cache holds almost nothing."""
+    from easysft.data import chat_render
+    from tests.conftest import tool_conversation
+
+    tok = tokenizer_with(tokenizer, "chatml_tools.jinja")
+    records = [tool_conversation(k) for k in range(12)]
+    cached = ChatRenderer(tok, ConversationOptions(max_seq_len=4096))
+    expected = [cached.tokenize(conversation(r)) for r in records]
+    assert len(cached._piece_cache) < len(records) * 4  # the tools block is shared, not re-tokenized
+    monkeypatch.setattr(chat_render, "PIECE_CACHE_SIZE", 3)
+    tiny = ChatRenderer(tok, ConversationOptions(max_seq_len=4096))
+    for record, want in zip(records * 2, expected * 2, strict=True):
+        got = tiny.tokenize(conversation(record))
+        assert got["input_ids"] == want["input_ids"] and got["labels"] == want["labels"]
+    whole = list(tok(cached.render(conversation(records[0]).messages, conversation(records[0]).tools),
+                     add_special_tokens=False)["input_ids"])
+    assert expected[0]["input_ids"] == whole  # splitting at control tokens is where the tokenizer splits too

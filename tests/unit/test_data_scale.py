@@ -218,3 +218,88 @@ def test_bad_mixing_and_num_proc_flags(tiny_model_dir, qa_data_dir, capsys):
         DataConfig(data_path=["a"], mixing="sometimes")
     with pytest.raises(ConfigError, match="--num_proc must be at least 1"):
         DataConfig(data_path=["a"], num_proc=0)
+
+
+# ------------------------------------------------------------------------------------------------ --num_proc workers
+
+def test_num_proc_2_tokenizes_in_forked_worker_processes(tokenizer, sources, tmp_path, monkeypatch):
+    """With --num_proc 2 the chunks are tokenized in other processes than this one (each call of the split
+    tokenizer appends its pid to a file; workers are forked after the spy is installed, so they run it); with
+    --num_proc 1 every chunk is tokenized here."""
+    log = tmp_path / "pids.txt"
+    real = pieces._tokenize_split
+
+    def spy(records, layout, ctx):
+        with open(log, "a", encoding="utf-8") as handle:
+            handle.write(f"{os.getpid()}\n")
+        return real(records, layout, ctx)
+
+    monkeypatch.setattr(pieces, "_tokenize_split", spy)
+    monkeypatch.setattr(pieces, "CHUNK_ROWS", 4)  # ~25 tasks
+    pids = {}
+    for num_proc in (2, 1):
+        log.write_text("")
+        prepare_data(DataConfig(data_path=sources, cache_dir=str(tmp_path / f"np{num_proc}"), num_proc=num_proc),
+                     tokenizer)
+        pids[num_proc] = [int(line) for line in log.read_text().split()]
+    assert pids[1] and set(pids[1]) == {os.getpid()}
+    assert len(pids[2]) == len(pids[1])  # the same tasks (2 splits per chunk) ...
+    assert os.getpid() not in pids[2]  # ... none tokenized in this process, all in forked workers
+
+
+class _StubPool:
+    """``apply_async`` stand-in: records how many tasks are submitted and not yet collected."""
+
+    def __init__(self):
+        self.in_flight = self.most_in_flight = 0
+        self.submitted: list = []
+
+    def apply_async(self, fn, args):
+        self.submitted.append(args[0])
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        pool = self
+
+        class Handle:
+            def get(self):
+                pool.in_flight -= 1
+                return fn(*args)
+
+        return Handle()
+
+
+@pytest.mark.parametrize("window", [1, 2, 4])
+def test_ordered_results_keeps_at_most_window_tasks_in_flight(window):
+    pool = _StubPool()
+    read = []
+
+    def tasks():
+        for k in range(20):
+            read.append(k)
+            yield k
+
+    results = pieces.ordered_results(pool, lambda k: k * 10, tasks(), window=window)
+    first = next(results)
+    assert first == 0 and len(read) <= window  # the task iterable is not read ahead beyond the window
+    rest = list(results)
+    assert [first, *rest] == [k * 10 for k in range(20)]  # task order
+    assert pool.submitted == list(range(20)) and pool.in_flight == 0
+    assert pool.most_in_flight == window
+
+
+def test_runner_with_two_processes_reads_tasks_within_its_window():
+    """The real pool: results in task order, and no more than 2 * num_proc tasks read but not yet returned."""
+    read = []
+
+    def tasks():
+        for k in range(30):
+            read.append(k)
+            yield -k
+
+    with pieces.Runner(2) as runner:
+        assert runner._pool is not None
+        results = []
+        for value in runner.map(abs, tasks()):
+            results.append(value)
+            assert len(read) - len(results) <= 4 - 1  # at most 4 submitted; one of them just returned
+    assert results == list(range(30))

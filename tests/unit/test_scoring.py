@@ -108,3 +108,20 @@ def test_selection_threshold_direction_and_patience():
     replayed.replay([{"step": 0, "eval_exact_match": 0.2}, {"step": 5, "eval_exact_match": 0.6},
                      {"step": 9, "eval_exact_match": 0.4}], "/nonexistent")
     assert (replayed.best_step, replayed.evals_without_improvement, replayed.best_path) == (5, 1, None)
+
+
+def test_score_turns_scores_the_predictions_against_the_references():
+    """The generation eval's scoring step (easysft/generate/scored.py): metrics are score(predictions,
+    references, prompts) and the rows carry each prediction beside its reference."""
+    from types import SimpleNamespace
+
+    from easysft.generate.scored import score_turns
+
+    examples = [SimpleNamespace(prompt=f"q{k}", answer=answer, messages=None, reference_calls=None, context=None)
+                for k, answer in enumerate(["stone river apple", "Paris", "the cat sat on the mat"])]
+    predictions = ["stone river apple", "London", "a dog sat on the mat"]
+    metrics, rows = score_turns(examples, predictions)
+    assert metrics == score(predictions, [e.answer for e in examples], [e.prompt for e in examples])
+    assert metrics["exact_match"] == pytest.approx(1 / 3) and metrics["bleu"] < 100 and metrics["chrf"] < 100
+    assert rows == [{"prompt": e.prompt, "reference": e.answer, "prediction": p}
+                    for e, p in zip(examples, predictions, strict=True)]
