@@ -62,6 +62,25 @@ def atomic_open(path: str | Path, mode: str = "w", *, encoding: str | None = "ut
         raise
 
 
+def read_utf8(path: str | Path, error: type[Exception], *, shown: str | None = None, fix: str = "re-save the "
+              "file as UTF-8") -> str:
+    """The whole file as text (a UTF-8 BOM removed), or ``error`` with one line: ``{shown}: cannot read the file
+    (...)`` or ``{shown}:{line}: not UTF-8 text (bad byte at offset N); {fix}``. ``shown`` defaults to the path
+    (a flag name can go in front of it)."""
+    shown = shown or str(path)
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        raise error(f"{shown}: cannot read the file ({exc.strerror}).") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise error(f"{shown}:{line}: not UTF-8 text (bad byte at offset {exc.start}); {fix}.") from None
+    return text[1:] if text.startswith("\ufeff") else text
+
+
 def write_json_atomic(path: str | Path, data: Any, *, allow_nan: bool = True) -> None:
     """``data`` as indented UTF-8 JSON (non-ASCII kept as is, trailing newline), written atomically."""
     with atomic_open(path) as handle:

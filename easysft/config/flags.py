@@ -10,6 +10,7 @@ from typing import Any
 
 from easysft.config.fields import BOUNDS, RESUME_SENSITIVE
 from easysft.errors import ConfigError
+from easysft.files import read_utf8
 
 
 def parse_bool(text: str | bool) -> bool:
@@ -80,17 +81,7 @@ def load_yaml_config(path: str, valid_keys: set[str]) -> dict[str, Any]:
 
     if not os.path.isfile(path):
         raise ConfigError(f"--config {path}: no such file.")
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except OSError as exc:
-        raise ConfigError(f"--config {path}: cannot read the file ({exc.strerror}).") from None
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise ConfigError(f"--config {path}:{line}: not UTF-8 text (bad byte at offset {exc.start}); save the "
-                          "config as UTF-8.") from None
+    text = read_utf8(path, ConfigError, shown=f"--config {path}", fix="save the config as UTF-8")
     try:
         values = yaml.load(text, Loader=_unique_key_loader()) or {}  # noqa: S506 -- a SafeLoader subclass
     except yaml.YAMLError as exc:

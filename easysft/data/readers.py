@@ -29,6 +29,7 @@ from typing import Any
 
 from easysft.data.tokenize import Skip
 from easysft.errors import DataError
+from easysft.files import read_utf8
 
 _BOM = "\ufeff"
 _JSON_WS = " \t\n\r"
@@ -70,19 +71,7 @@ def read_text_file(path: str) -> str:
 
 def _read_text(path: str) -> str:
     """The whole file as text (BOM removed); one-line DataError when it is missing or not UTF-8."""
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read the file ({exc.strerror}).") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise DataError(
-            f"{path}:{line}: not UTF-8 text (bad byte at offset {exc.start}); re-save the file as UTF-8."
-        ) from None
-    return text[1:] if text.startswith(_BOM) else text
+    return read_utf8(path, DataError)
 
 
 def _skip_ws(text: str, pos: int) -> int:
