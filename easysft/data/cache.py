@@ -11,7 +11,9 @@ They are written chunk by chunk (:class:`EntryWriter`) and read back as memory m
 neither preparing nor training holds the whole data set in private memory, and the ranks of one machine share
 one copy in the page cache. Entries are written into a temporary folder in the same root and renamed into
 place, so a crash never leaves an entry that loads; a folder that fails to load is treated as missing and
-rebuilt.
+rebuilt. ``meta.json`` also holds a checksum of every ``.bin`` file (hashed while the writer appends, so it costs
+no extra read); :func:`load_entry` reads the files back in blocks and checks them before training, so an entry
+changed after it was written (a file overwritten in place, even at the same size) is rebuilt, with a note.
 
 Distributed runs: only the main rank builds; the others call :func:`wait_for_entry`, which polls the file
 system (no collectives) until the entry appears, rank 0 leaves a failure note (``<key>.failed``), or the
@@ -25,16 +27,20 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
 from dataclasses import dataclass
 
-from easysft.data.samples import SampleView, SplitWriter
+from easysft.data.samples import CHECKSUM, SampleView, SplitWriter, new_digest
 from easysft.errors import DataError
 from easysft.files import sweep_stale_temporaries, terminate_raises
 
 # Bump when adapters, tokenization or the stored format change what an entry holds.
-CACHE_FORMAT = 3  # 2: raw .bin arrays written in chunks, read as memory maps; 3: a conversation is one sample
+# 2: raw .bin arrays written in chunks, read as memory maps; 3: a conversation is one sample; 4: meta.json holds a
+# checksum of every .bin file (older entries have none, and are rebuilt).
+CACHE_FORMAT = 4
+CHECK_BLOCK_BYTES = 1 << 22  # files are read back in blocks of this size to check their checksums
 DEFAULT_WAIT_S = 3600.0
 # A failure note older than this (before the waiter started) belongs to an earlier run and is ignored.
 FAILURE_NOTE_GRACE_S = 120.0
@@ -103,20 +109,23 @@ class EntryWriter:
 
     def commit(self, report: dict, meta: dict) -> str:
         """Close the arrays, write report.json and meta.json (last), rename into place; return the folder."""
+        checksums: dict[str, str] = {}
         for writer in self.splits.values():
             writer.close()
+            checksums.update(writer.checksums())
         with open(os.path.join(self.tmp, "report.json"), "w", encoding="utf-8") as handle:
             json.dump(report, handle, ensure_ascii=False)
         # meta.json last: its presence in a renamed folder means every other file was fully written.
         with open(os.path.join(self.tmp, "meta.json"), "w", encoding="utf-8") as handle:
-            json.dump({"format": CACHE_FORMAT, "key": self.key, **meta}, handle, default=str)
+            json.dump({"format": CACHE_FORMAT, "key": self.key, **meta,
+                       "checksums": {"algorithm": CHECKSUM, "files": checksums}}, handle, default=str)
         final = os.path.join(self.root, self.key)
-        if os.path.isdir(final) and load_entry(self.root, self.key) is None:
+        if os.path.isdir(final) and load_entry(self.root, self.key, quiet=True) is None:
             shutil.rmtree(final, ignore_errors=True)  # a broken leftover (copied or hand-edited): replace it
         try:
             os.rename(self.tmp, final)
         except OSError:
-            if load_entry(self.root, self.key) is None:
+            if load_entry(self.root, self.key, quiet=True) is None:
                 raise
             shutil.rmtree(self.tmp, ignore_errors=True)  # another process finished the same entry first
         clear_failure(self.root, self.key)
@@ -157,19 +166,51 @@ def save_entry(root: str, key: str, train: list[dict], evals: list[dict], report
         return writer.commit(report, meta)
 
 
-def load_entry(root: str, key: str) -> CacheEntry | None:
-    """The entry for ``key``, or None when it is missing or unreadable (it is then rebuilt)."""
+def load_entry(root: str, key: str, *, verify: bool = True, quiet: bool = False) -> CacheEntry | None:
+    """The entry for ``key``, or None when it is missing, unreadable or changed since it was written (it is then
+    rebuilt). ``verify``: check every .bin file against the checksums in meta.json (read in blocks: memory stays
+    bounded); a mismatch prints one ``easysft: note:`` line unless ``quiet``."""
     folder = os.path.join(root, key)
     try:
         with open(os.path.join(folder, "meta.json"), encoding="utf-8") as handle:
             meta = json.load(handle)
-        if meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
+        if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
+            return None
+        checksums = meta.get("checksums")
+        if (not isinstance(checksums, dict) or checksums.get("algorithm") != CHECKSUM
+                or not isinstance(checksums.get("files"), dict)):
             return None
         with open(os.path.join(folder, "report.json"), encoding="utf-8") as handle:
             report = json.load(handle)
+        if verify:
+            changed = _changed_files(folder, checksums["files"])
+            if changed:
+                if not quiet:
+                    print(f"easysft: note: the data cache entry {folder} does not match its checksums "
+                          f"({', '.join(changed)} changed after it was written); rebuilding it.",
+                          file=sys.stderr, flush=True)
+                return None
         return CacheEntry(SampleView.open(folder, "train"), SampleView.open(folder, "eval"), report, folder)
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def _changed_files(folder: str, expected: dict) -> list[str]:
+    """The names of the entry's .bin files whose bytes do not hash to ``expected`` (missing ones included)."""
+    names = sorted({n for n in os.listdir(folder) if n.endswith(".bin")} | set(expected))
+    changed = []
+    for name in names:
+        digest = new_digest()
+        try:
+            with open(os.path.join(folder, name), "rb") as handle:
+                for block in iter(lambda h=handle: h.read(CHECK_BLOCK_BYTES), b""):
+                    digest.update(block)
+        except OSError:
+            changed.append(name)
+            continue
+        if digest.hexdigest() != expected.get(name):
+            changed.append(name)
+    return changed
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -203,7 +244,7 @@ def wait_for_entry(root: str, key: str, *, timeout_s: float | None = None, poll_
         timeout_s = float(os.environ.get("EASYSFT_DATA_WAIT_S", DEFAULT_WAIT_S))
     started = time.time()
     while True:
-        entry = load_entry(root, key)
+        entry = load_entry(root, key, quiet=True)
         if entry is not None:
             return entry
         note = _failure_path(root, key)

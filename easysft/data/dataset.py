@@ -108,14 +108,15 @@ def prepare_data(data_cfg, tokenizer, *, seed: int = 1234, debug: bool = False, 
     root = cache.cache_root(data_cfg.cache_dir)
     parts = cache_key_parts(data_cfg, tokenizer, template, seed=seed, debug=debug)
     key = cache.make_key(parts)
-    entry = cache.load_entry(root, key)
+    # Checked against its checksums: an entry changed since it was written is rebuilt (the main rank says so).
+    entry = cache.load_entry(root, key, quiet=not is_main)
     hit = entry is not None
     if entry is None and not is_main:
         entry = cache.wait_for_entry(root, key, timeout_s=wait_timeout_s)
     if entry is None:
         report = _build_and_save(root, key, parts, data_cfg, tokenizer, template, seed=seed, debug=debug,
                                  progress=is_main)
-        entry = cache.load_entry(root, key)
+        entry = cache.load_entry(root, key, verify=False)  # just written; its checksums hashed those bytes
         if entry is None:
             raise DataError(f"the data cache entry {os.path.join(root, key)} was written but cannot be read back; "
                             "check the disk, or set --cache_dir to another folder.")

@@ -15,6 +15,7 @@ iteration, ``==`` against another view or a list; :attr:`SampleView.lengths` giv
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator, Sequence
 
@@ -31,14 +32,39 @@ def split_files(folder: str, split: str) -> dict[str, str]:
     return {part: os.path.join(folder, f"{split}_{part}.bin") for part in ("ids", "offsets", "mask")}
 
 
+CHECKSUM = "blake2b"  # the digest of every .bin file, stored in the entry's meta.json (see easysft.data.cache)
+
+
+def new_digest():
+    return hashlib.blake2b(digest_size=32)
+
+
+class _DigestFile:
+    """A binary file opened for writing that hashes what is written to it (no second read for the checksum)."""
+
+    def __init__(self, path: str):
+        self.name = path
+        self._handle = open(path, "wb")  # noqa: SIM115 -- closed in close()
+        self.digest = new_digest()
+
+    def write(self, data: bytes) -> None:
+        self._handle.write(data)
+        self.digest.update(data)
+
+    def close(self) -> None:
+        self._handle.close()
+
+
 class SplitWriter:
     """Append samples (as arrays) to one split's files; :meth:`close` writes the offsets' last chunk."""
 
     def __init__(self, folder: str, split: str):
         files = split_files(folder, split)
-        self._ids = open(files["ids"], "wb")  # noqa: SIM115 -- closed in close(); lives across many appends
-        self._mask = open(files["mask"], "wb")  # noqa: SIM115
-        self._offsets = open(files["offsets"], "wb")  # noqa: SIM115
+        self._names = {part: os.path.basename(path) for part, path in files.items()}
+        # Closed in close(); they live across many appends. Each hashes its bytes as they are written.
+        self._ids = _DigestFile(files["ids"])
+        self._mask = _DigestFile(files["mask"])
+        self._offsets = _DigestFile(files["offsets"])
         self._offsets.write(np.zeros(1, OFFSETS_DTYPE).tobytes())
         self.num_tokens = 0
         self.num_samples = 0
@@ -68,6 +94,11 @@ class SplitWriter:
     def close(self) -> None:
         for handle in (self._ids, self._mask, self._offsets):
             handle.close()
+
+    def checksums(self) -> dict[str, str]:
+        """``{file name: hex digest}`` of the bytes written so far (complete once the writer is closed)."""
+        handles = {"ids": self._ids, "offsets": self._offsets, "mask": self._mask}
+        return {self._names[part]: handle.digest.hexdigest() for part, handle in handles.items()}
 
 
 def _map(path: str, dtype: np.dtype) -> np.ndarray:

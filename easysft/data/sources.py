@@ -150,7 +150,8 @@ def source_kind(path: str) -> str:
 
 
 def source_fingerprint(path: str) -> str:
-    """A hash that changes whenever the source's content changes (file bytes, or the datasets fingerprint)."""
+    """A hash that changes whenever the source's content changes: the bytes of its files (a local file or folder),
+    or datasets' fingerprint of a hub dataset."""
     digest = hashlib.sha256()
     kind = source_kind(path)
     if kind == "folder":
@@ -159,11 +160,32 @@ def source_fingerprint(path: str) -> str:
             _hash_file(file, digest)
     elif kind == "file":
         _hash_file(path, digest)
+    elif os.path.isdir(path):
+        # A local folder read through datasets (load_from_disk or load_dataset): hash the bytes of the files it
+        # holds. datasets' own fingerprint is no content hash here: for data files it sees paths and mtimes, and a
+        # saved folder's state.json keeps its fingerprint when an .arrow file is changed in place.
+        digest.update(f"{kind}:".encode())
+        for relative, file in _folder_files(path):
+            digest.update(f"{relative}\0{os.path.getsize(file)}\0".encode())
+            _hash_file(file, digest)
     else:
-        # Arrow-backed datasets carry a fingerprint that datasets updates on every content change.
+        # A hub dataset: datasets' fingerprint follows the hub revision (content-addressed).
         for split, dataset in sorted(open_hf_dataset(path).items()):
             digest.update(f"{split}:{dataset._fingerprint}:{len(dataset)};".encode())
     return digest.hexdigest()
+
+
+def _folder_files(folder: str) -> list[tuple[str, str]]:
+    """``(relative path, path)`` of every regular file under ``folder``, sorted; hidden files and folders (a
+    leading dot: .git, .cache, editor files) are skipped."""
+    found = []
+    for parent, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            file = os.path.join(parent, name)
+            if not name.startswith(".") and os.path.isfile(file):
+                found.append((os.path.relpath(file, folder).replace(os.sep, "/"), file))
+    return sorted(found)
 
 
 def _hash_file(path: str, digest) -> None:
