@@ -28,6 +28,19 @@ from easysft.errors import ConfigError
 from easysft.generate import SavedSettings, build_prompt_ids, generate_ids
 from easysft.scoring import parse_tool_calls
 
+
+def is_text(value: str) -> bool:
+    """Whether ``value`` is real text: bytes that were not UTF-8 reach Python as lone surrogates (argv and,
+    under surrogateescape, stdin), which no tokenizer accepts."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+NOT_TEXT_LINE = "(that line is not UTF-8 text (undecodable bytes); it was ignored: type it again)\n"
+
 HELP = "commands: /reset  /system <text>  /tool <result>  /exit  (Ctrl-D also exits)"
 USER_PROMPT = "you> "
 ASSISTANT_PREFIX = "assistant> "
@@ -134,6 +147,12 @@ def repl(session: ChatSession, *, read: Callable[[str], str] = input, out=None) 
         except (EOFError, KeyboardInterrupt):
             write("\n")
             return 0
+        except UnicodeDecodeError as exc:  # a strict stdin: the stream cannot be resynchronised, so stop
+            raise ConfigError(f"stdin: not UTF-8 text (undecodable byte at position {exc.start} of a read); "
+                              "type or pipe UTF-8 text.") from None
+        if not is_text(line):  # refused, not repaired: the model must answer what was typed, not a guess
+            write(NOT_TEXT_LINE)
+            continue
         text = line.strip()
         if not text:
             continue
@@ -197,6 +216,10 @@ def run_chat(model_cfg, chat_cfg, given: dict) -> int:
     from easysft.models.load import load_model, load_tokenizer, resolve_model_path
     from easysft.models.meta import resolve_settings
 
+    for flag in ("prompt", "system"):  # checked before the model loads: one line, never a tokenizer traceback
+        value = getattr(chat_cfg, flag)
+        if isinstance(value, str) and not is_text(value):
+            raise ConfigError(f"--{flag}: not UTF-8 text (undecodable bytes); give the text in UTF-8.")
     hf_logging.disable_progress_bar()  # no weight-loading bars in front of the first prompt
     resolved = resolve_model_path(model_cfg.model_name_or_path)
     tokenizer = load_tokenizer(resolved.tokenizer_path, trust_remote_code=model_cfg.trust_remote_code,

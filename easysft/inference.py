@@ -40,12 +40,34 @@ def load_split(data_cfg: DataConfig, split: str, seed: int, skipped: list | None
                conversations: bool = False) -> list:
     """Rows of ``split`` through :func:`easysft.data.sources.load_examples`; rows it drops go to ``skipped``.
     ``conversations`` (--template chat): a conversation row asks for its next assistant turn (or, when it ends
-    with one, that last turn again from the turns before it)."""
+    with one, that last turn again from the turns before it). Rows are read as inference rows
+    (:func:`easysft.data.adapters.inference_rows`): the answer may be absent (a list of prompts, a dialogue
+    ending with a user turn); it is then written empty."""
+    from easysft.data.adapters import inference_rows
     from easysft.data.sources import load_examples
 
-    return load_examples(data_cfg.data_path, split=split, data_split=data_cfg.data_split,
-                         eval_fraction=data_cfg.eval_fraction, seed=seed, skipped=skipped,
-                         conversation_turns="next" if conversations else None)
+    with inference_rows():
+        return load_examples(data_cfg.data_path, split=split, data_split=data_cfg.data_split,
+                             eval_fraction=data_cfg.eval_fraction, seed=seed, skipped=skipped,
+                             conversation_turns="next" if conversations else None)
+
+
+FORMAT_BY_EXTENSION = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv"}
+
+
+def resolve_output_format(infer_cfg: InferConfig, given: dict) -> None:
+    """``--output_format`` from the ``--inference_output_path`` extension (.jsonl/.json: jsonl, .csv: csv) when
+    the flag is not given; a given format that contradicts the extension is a ConfigError."""
+    path = infer_cfg.inference_output_path
+    implied = FORMAT_BY_EXTENSION.get(os.path.splitext(path)[1].lower())
+    if implied is None:
+        return
+    if given.get("output_format") is None:
+        infer_cfg.output_format = implied
+    elif infer_cfg.output_format != implied:
+        raise ConfigError(f"--inference_output_path {path} names a .{implied} file but --output_format is "
+                          f"{infer_cfg.output_format}: change the extension or the format (or drop "
+                          "--output_format to follow the extension).")
 
 
 def write_predictions(path: str, rows: list[dict], output_format: str) -> None:
@@ -103,6 +125,7 @@ def run_inference(model_cfg: ModelConfig, data_cfg: DataConfig, infer_cfg: Infer
 
     if not data_cfg.data_path:
         raise ConfigError("--data_path is required: a data folder, file or dataset to generate answers for.")
+    resolve_output_format(infer_cfg, given)
     check_output_file(infer_cfg.inference_output_path, flag="--inference_output_path",  # before any generation
                       may_exist=infer_cfg.overwrite_output_dir)
     limit_flag, other_flag = (("max_eval_rows", "max_train_rows") if infer_cfg.split == "eval"
@@ -132,7 +155,11 @@ def run_inference(model_cfg: ModelConfig, data_cfg: DataConfig, infer_cfg: Infer
                                               settings.max_prompt_len + settings.max_new_tokens))
             kept.append(example)
     if not prompts:
-        raise DataError(f"{data_cfg.data_path}: split {infer_cfg.split!r} has no row with a non-empty prompt.")
+        paths = data_cfg.data_path if isinstance(data_cfg.data_path, str) else ", ".join(map(str, data_cfg.data_path))
+        first = (f" (first skipped: {unreadable[0].location} {unreadable[0].reason}"
+                 f"{': ' + unreadable[0].detail if unreadable[0].detail else ''})" if unreadable else "")
+        raise DataError(f"{paths}: split {infer_cfg.split!r} has no row with a non-empty prompt to generate "
+                        f"for{first}.")
     skipped = len(examples) - len(kept) + len(unreadable)
 
     def start_progress(num_prompts: int) -> G.Progress:

@@ -31,9 +31,12 @@ def load_torch_state(path: str | Path):
         raise CheckpointError(f"checkpoint file {path} is missing.")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 -- torch raises many types for a damaged file; all mean "corrupted"
-        raise CheckpointError(f"checkpoint file {path} is corrupted or not a weights-only file: "
-                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    except Exception:  # noqa: BLE001 -- torch raises many types for a damaged file; all mean "corrupted"
+        # torch's own text is not passed on: it calls any unreadable file "legacy .tar format" and advises
+        # weights_only=False, an unsafe load that would run whatever code the file holds.
+        raise CheckpointError(f"checkpoint file {path} is corrupted or not a weights-only file (damaged or not "
+                              f"written by easysft; it is never loaded unsafely): delete the folder {path.parent} "
+                              "and --resume from an earlier checkpoint, or train without --resume.") from None
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], folder: str | Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:

@@ -31,6 +31,12 @@ non-text content in the context is skipped as ``unparseable_dialogue``. With ``m
 assistant turn that follows a user turn becomes its own example (its context = the turns before that user
 turn), so every assistant turn is supervised.
 
+Inference rows (:func:`inference_rows`, what ``easysft infer`` reads): the answer may be absent. A record with a
+``prompt`` column and no answer column is read as layout ``prompt`` (answer None); a dialogue that ends with a
+user turn asks for the next answer (prompt = that user turn, context = the turns before it, answer None).
+Training never accepts these. (In a file whose layout has an answer column, a row without it is still skipped
+as ``missing_key``: a misspelt key must not pass as "no reference".)
+
 Adapters never judge the prompt/answer VALUES (None, numbers, empty text): they pass them on, and
 :func:`easysft.data.tokenize.tokenize_example` skips them with the right reason.
 """
@@ -38,7 +44,9 @@ Adapters never judge the prompt/answer VALUES (None, numbers, empty text): they 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +74,23 @@ class Layout:
     name: str
     columns: tuple[str, ...]
     adapt: Adapter
+
+
+# ------------------------------------------------------------------------------------------------------
+# Inference rows: the answer may be absent
+
+_INFERENCE_ROWS: ContextVar[bool] = ContextVar("easysft_inference_rows", default=False)
+
+
+@contextmanager
+def inference_rows() -> Iterator[None]:
+    """Within this block layouts and adapters read rows to generate for: the answer may be absent (see the module
+    docstring). Only ``easysft infer`` enters it; training always requires answers."""
+    token = _INFERENCE_ROWS.set(True)
+    try:
+        yield
+    finally:
+        _INFERENCE_ROWS.reset(token)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -104,6 +129,13 @@ _ROLES = {name: role for name, role in CONVERSATION_ROLES.items() if role != "to
 
 def split_dialogue(turns: list[dict], multi_turn: bool = False) -> list[Turns] | Skip:
     """Normalised ``{role, content}`` turns -> the examples they supervise (rules in the module docstring)."""
+    if _INFERENCE_ROWS.get() and turns and turns[-1]["role"] == "user":
+        # Inference: a dialogue ending with a user turn asks for the next answer (there is no reference).
+        context = turns[:-1]
+        bad = [t for t in context if not isinstance(t["content"], str)]
+        if bad:
+            return Skip("unparseable_dialogue", f"a {bad[0]['role']} turn's content is {type(bad[0]['content']).__name__}")
+        return [Turns(turns[-1]["content"], None, tuple(dict(t) for t in context))]
     answer_at = [i for i, turn in enumerate(turns) if turn["role"] == "assistant"]
     if not answer_at:
         return Skip("unparseable_dialogue", "no assistant turn")
@@ -177,6 +209,15 @@ def _hh_rlhf(record: dict, multi_turn: bool) -> list[Turns] | Skip:
     return split_dialogue(turns, multi_turn)
 
 
+def _prompt_only(record: dict, multi_turn: bool) -> list[Turns] | Skip:
+    if "prompt" not in record:
+        return Skip("missing_key", "no 'prompt' key")
+    return [Turns(record["prompt"], None)]
+
+
+# Inference rows only (never training): a list of prompts, no reference answers.
+PROMPT_ONLY = Layout("prompt", ("prompt",), _prompt_only)
+
 LAYOUTS: tuple[Layout, ...] = (
     Layout("messages", ("messages",), _chat_list("messages", "role", "content")),
     Layout("sharegpt", ("conversations",), _chat_list("conversations", "from", "value")),
@@ -199,6 +240,8 @@ def detect_layout(columns, source: str) -> Layout:
     for layout in LAYOUTS:
         if present.issuperset(layout.columns):
             return layout
+    if _INFERENCE_ROWS.get() and present.issuperset(PROMPT_ONLY.columns):
+        return PROMPT_ONLY
     found = ", ".join(sorted(present)) or "none"
     raise DataError(
         f"{source}: unrecognised data layout (columns found: {found}); accepted layouts: {describe_layouts()}. "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 import torch
@@ -63,6 +64,25 @@ def generate_kwargs(gen: GenerateConfig, max_new_tokens: int, tokenizer, stop_id
     if gen.do_sample:
         kwargs.update(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k)
     return kwargs
+
+
+def model_context(model) -> int | None:
+    """Positions the model can attend to (``max_position_embeddings`` of its config), or None when unknown."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "get_text_config", lambda: config)() if config is not None else None
+    value = getattr(config, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def clamp_new_tokens(max_new_tokens: int, prompt_len: int, context: int | None) -> int:
+    """``max_new_tokens`` bounded by what the context leaves after a prompt of ``prompt_len`` tokens (at least 1).
+
+    >>> clamp_new_tokens(100_000_000, 24, 1024), clamp_new_tokens(8, 24, 1024), clamp_new_tokens(8, 2000, 1024)
+    (1000, 8, 1)
+    """
+    if context is None:
+        return max_new_tokens
+    return max(1, min(max_new_tokens, context - prompt_len))
 
 
 def cut_at_stop(ids: list[int], stop_ids: list[int]) -> list[int]:
@@ -220,6 +240,12 @@ def generate_ids(
     gen = gen.filled(model_generation_defaults(model))
     device = next(model.parameters()).device
     stop_ids = stop_token_ids(model, tokenizer)
+    # Every generation stays within the model's context: max_new_tokens is bounded by max_position_embeddings
+    # minus the (padded) prompt length of each batch; one note when that cuts what was asked.
+    context = model_context(model)
+    requested = max_new_tokens
+    max_new_tokens = clamp_new_tokens(max_new_tokens, min(len(ids) for ids in prompts), context)
+    clamped_to: list[int] = []  # one note, at the first batch that is cut
     kwargs = generate_kwargs(gen, max_new_tokens, tokenizer, stop_ids)
     results: list[list[int] | None] = [None] * len(prompts)
     lengths = [len(ids) for ids in prompts]
@@ -248,9 +274,16 @@ def generate_ids(
 
                 pad_lens = [input_ids.shape[1] - len(ids) for ids in batch]
                 processors = LogitsProcessorList([PaddingAwareRepetitionPenalty(gen.repetition_penalty, pad_lens)])
+            allowed = clamp_new_tokens(max_new_tokens, input_ids.shape[1], context)
+            if allowed < requested and not clamped_to:
+                print(f"easysft: note: --max_new_tokens {requested} does not fit the model's context ({context} "
+                      f"positions) after the prompt; generating at most {allowed} new tokens per prompt.",
+                      file=sys.stderr)
+            if allowed < requested:
+                clamped_to.append(allowed)
             output = model.generate(
                 input_ids=input_ids, attention_mask=attention_mask, cache=cache,
-                logits_processor=processors or None, streamer=streamer, **kwargs,
+                logits_processor=processors or None, streamer=streamer, **{**kwargs, "max_new_tokens": allowed},
             )
         new_tokens = output[:, input_ids.shape[1]:].tolist()
         num_new = 0
