@@ -16,6 +16,7 @@ import pytest
 from easysft import checkpoint
 from easysft.cli import main
 from tests.conftest import make_tiny_model
+from tests.integration.test_bad_input import assert_clean_failure
 
 CONFIG, DATA, CHECKPOINT = 2, 3, 5
 
@@ -27,13 +28,7 @@ def infer(model_dir, data_path, out_path, *extra):
 
 
 def error_line(code, capsys, expected_code, pattern) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == expected_code, err[-2000:]
-    assert "Traceback" not in err
-    assert lines and lines[-1].startswith("easysft: error: "), lines[-3:]
-    assert re.search(pattern, lines[-1]), lines[-1]
-    return lines[-1]
+    return assert_clean_failure(code, capsys, expected_code, pattern)
 
 
 def write_jsonl(path, rows) -> str:
