@@ -40,6 +40,10 @@ class ModelConfig:
         normalise_fields(self)
         if not self.model_name_or_path:
             raise ConfigError("--model_name_or_path is empty: give a folder, a hub id, or 'bundled'.")
+        if self.chat_template is not None and os.path.exists(self.chat_template) and not os.path.isfile(
+                self.chat_template):
+            raise ConfigError(f"--chat_template {self.chat_template}: not a regular file; give a Jinja chat "
+                              "template file.")
         if self.chat_template is not None and not os.path.isfile(self.chat_template):
             shipped = os.path.join(ASSETS_DIR, f"{self.chat_template}.jinja")
             if self.chat_template not in SHIPPED_CHAT_TEMPLATES:

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from easysft.dtypes import torch_dtype
-from easysft.errors import ModelError
+from easysft.errors import ConfigError, ModelError
+from easysft.files import read_utf8
 
 EASYSFT_META = "easysft.json"
 
@@ -127,13 +128,24 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False, chat_template:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if chat_template is not None:
-        try:
-            with open(chat_template, encoding="utf-8") as handle:
-                tokenizer.chat_template = handle.read()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ModelError(f"--chat_template {chat_template}: cannot read it as UTF-8 text ({exc}).") from None
+        tokenizer.chat_template = read_utf8(chat_template, ConfigError, shown=f"--chat_template {chat_template}",
+                                            fix="save the template as UTF-8")
         tokenizer.easysft_chat_template_path = chat_template  # names the template in data errors
+        _check_template_syntax(tokenizer, chat_template)
     return tokenizer
+
+
+def _check_template_syntax(tokenizer, path: str) -> None:
+    """ConfigError naming ``path:line`` when the chat template is not valid Jinja (checked by rendering one user
+    turn; a template's own refusal of a conversation is met, and reported, per row)."""
+    import jinja2
+
+    try:
+        tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ConfigError(f"--chat_template {path}:{exc.lineno}: not a valid Jinja template ({exc.message}).") from None
+    except Exception:  # noqa: BLE001 -- e.g. raise_exception for a lone user turn: not a syntax problem
+        pass
 
 
 def load_model(

@@ -76,3 +76,20 @@ def test_chat_template_travels_with_the_trained_model(tiny_model_dir, tool_data_
     assert load_tokenizer(str(out)).chat_template == open(template, encoding="utf-8").read()
     assert main(["prepare", "--data_path", data, "--model_name_or_path", tiny_model_dir, "--template", "chat",
                  "--chat_template", str(tmp_path / "missing.jinja")]) == 2
+
+
+def test_a_bad_chat_template_file_is_one_line_naming_it(tiny_model_dir, tool_data_file, tmp_path, capsys):
+    data, _ = tool_data_file
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}\n{{ m.content }\n{% endfor %}\n")
+    binary = tmp_path / "binary.jinja"
+    binary.write_bytes(b"\xff\xfe{{ x }}")
+    cases = [(str(broken), rf"--chat_template {broken}:2: not a valid Jinja template"),
+             (str(binary), rf"--chat_template {binary}:1: not UTF-8 text"),
+             ("/dev/null", "--chat_template /dev/null: not a regular file")]
+    for path, expected in cases:
+        code = main(["prepare", "--data_path", data, "--model_name_or_path", tiny_model_dir, "--template", "chat",
+                     "--chat_template", path, "--cache_dir", str(tmp_path / "c")])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.startswith("easysft: error: ") and "\n" not in err and expected in err, err
+    assert not (tmp_path / "c").exists()
