@@ -11,7 +11,13 @@ The public API is small and lazily imported (``import easysft`` does not import 
 
 from __future__ import annotations
 
+from easysft import quiet
+
 __version__ = "0.1.0"
+
+# Every entry point (the CLI, `python -m easysft.demo`, the Python API) imports this package first: the filters of
+# the known-harmless third-party import lines (easysft/quiet.py) are in place before transformers is imported.
+quiet.install()
 
 _LAZY = {
     "load_examples": "easysft.data.sources",

@@ -65,9 +65,6 @@ def _top_level_help() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from easysft import quiet
-
-    quiet.install()  # before any command imports transformers (and through it torchao, deepspeed)
     argv = list(sys.argv[1:] if argv is None else argv)
     # The deepspeed launcher inserts `--local_rank=N` BEFORE the script's own arguments (`easysft --local_rank=0
     # train ...`): move it behind the subcommand so `train` is still recognised.

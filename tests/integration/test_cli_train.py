@@ -187,3 +187,14 @@ def test_a_plain_training_run_prints_no_third_party_noise(tiny_model_dir, qa_dat
     noise = [line for line in lines if not OWN_LINE.match(line)]
     assert not noise, noise
     assert any(line.startswith("saved the model to") for line in lines)
+
+
+def test_every_entry_point_gets_the_filters_by_importing_easysft():
+    """`python -m easysft.demo` and the Python API do not pass through the CLI: importing the package alone must
+    drop the known-harmless lines (and only them)."""
+    code = ("import logging, easysft\n"
+            "logging.getLogger('DeepSpeed').warning('Setting accelerator to CPU. If you have GPU ...')\n"
+            "logging.getLogger('torchao').warning('Failed to load /x/_C_mxfp8.so')\n"
+            "logging.getLogger('torchao').warning('something else')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stderr.strip() == "something else"
