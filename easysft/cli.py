@@ -6,7 +6,7 @@ imported only when used so that ``--help`` and flag errors stay fast (no torch/p
 The original design's command lines keep working: with no subcommand, ``easysft --data_path ...`` means
 ``easysft train --data_path ...``. ``--config run.yaml`` supplies the same keys as flags; flags given on the
 command line override it. Every :class:`~easysft.errors.EasySFTError` becomes one ``easysft: error: ...`` line
-on stderr and the error's exit code (see README, "Exit codes").
+on stderr and the error's exit code (docs/failures.md, "Exit codes").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`easysft dashboard`: a local web page over output folders (see README, Dashboard)."""
+"""`easysft dashboard`: a local web page over output folders (docs/dashboard.md)."""
 
 from __future__ import annotations
 

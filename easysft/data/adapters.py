@@ -50,7 +50,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
-from easysft.data.conversations import ROLES as CONVERSATION_ROLES
+from easysft.data.conversations import ROLES as CONVERSATION_ROLES, message_text
 from easysft.data.tokenize import Skip
 from easysft.errors import DataError
 
@@ -173,6 +173,10 @@ def _chat_list(column: str, role_key: str, content_key: str) -> Adapter:
                                                     "results are read with --template chat only")
             if normal is None:
                 return Skip("unparseable_dialogue", f"{column}[{position}] has unknown role {role!r}")
+            if isinstance(content, list):  # OpenAI content parts: the conversations' one rule for content
+                content = message_text(content, f"{column}[{position}]")
+                if isinstance(content, Skip):
+                    return content
             turns.append({"role": normal, "content": content})
         return split_dialogue(turns, multi_turn)
 

@@ -122,7 +122,10 @@ def _tool_call(raw: Any, where: str) -> dict | Skip:
     return call
 
 
-def _text(content: Any, where: str) -> str | Skip:
+def message_text(content: Any, where: str) -> str | Skip:
+    """A message's ``content`` as one string: a string as is, null as "" (a tool-call turn), OpenAI content parts
+    (``[{"type": "text", "text": ...}, ...]``) joined; any other part or type is a Skip naming ``where``. The ONE
+    rule for message content, used by conversations and by the prompt/answer dialogue layouts alike."""
     if content is None:
         return ""
     if isinstance(content, str):
@@ -156,7 +159,7 @@ def _message(item: Any, where: str, role_key: str, content_key: str) -> dict | S
         raw_calls, raw_content = (calls if isinstance(calls, list) else [calls]), ""
     else:
         raw_calls = item.get("tool_calls")
-    content = _text(raw_content, where)
+    content = message_text(raw_content, where)
     if isinstance(content, Skip):
         return content
     if role == "assistant":

@@ -275,3 +275,37 @@ def test_values_module_bounds_and_finite_number():
     for bad in (math.nan, math.inf, "nan", 10**400, True):
         with pytest.raises(ConfigError):
             finite_number("v", bad)
+
+
+# ---- D23: OpenAI content parts are read by ONE rule in every dialogue layout ------------------------------------
+
+_PARTS_ROW = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                           {"role": "assistant", "content": [{"type": "text", "text": "hello"},
+                                                             {"type": "text", "text": " there"}]}]}
+
+
+@pytest.mark.parametrize("template", ["qa", "chat"])
+def test_d23_text_content_parts_are_joined_in_every_dialogue_layout(template, tiny_model_dir, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    sharegpt = {"conversations": [{"from": m["role"].replace("user", "human").replace("assistant", "gpt"),
+                                   "value": m["content"]} for m in _PARTS_ROW["messages"]]}
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for row in (_PARTS_ROW, sharegpt):
+        data = jsonl(tmp_path / "parts.jsonl", [row])
+        code = prepare(tiny_model_dir, data, extra=["--eval_fraction", "0", "--template", template, "--show", "1",
+                                                    "--show_format", "jsonl"])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err[-2000:]
+        sample = json.loads(captured.out.strip().splitlines()[-1])
+        supervised = [t for t, label in zip(sample["input_ids"], sample["labels"], strict=True) if label != -100]
+        assert tokenizer.decode(supervised).startswith("hello there"), tokenizer.decode(supervised)
+        assert "hi" in tokenizer.decode(sample["input_ids"])
+
+
+def test_d23_a_non_text_part_is_skipped_naming_its_position(tiny_model_dir, tmp_path, capsys):
+    row = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]},
+                        {"role": "assistant", "content": "a cat"}]}
+    data = jsonl(tmp_path / "image.jsonl", [row])
+    assert_clean_failure(prepare(tiny_model_dir, data, extra=["--eval_fraction", "0"]), capsys, DATA,
+                         r"image\.jsonl:1 \(messages\[0\]\.content\[0\] is a 'image_url' part; only text parts")
